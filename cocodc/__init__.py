@@ -1,0 +1,10 @@
+"""cocodc: pretrain language models across regions joined by a slow wide-area link."""
+
+from cocodc.comm import CommEngine
+from cocodc.config import Config, ConfigError, SyncConfig, load_config
+from cocodc.model import Transformer
+from cocodc.sync import OuterSync
+
+__version__ = "0.1.0"
+
+__all__ = ["CommEngine", "Config", "ConfigError", "OuterSync", "SyncConfig", "Transformer", "load_config"]

@@ -1,0 +1,5 @@
+"""The comm engine: moves tensors over a process group, counts bytes; knows no models."""
+
+from cocodc.comm.engine import CommEngine, Handle
+
+__all__ = ["CommEngine", "Handle"]

@@ -1,0 +1,313 @@
+"""Typed run configuration: a YAML file plus `--set a.b=c` overrides, validated with one-line errors.
+
+Every key has a default here; a YAML file and the overrides only change what they name. Any
+problem raises `ConfigError` with a message that names the key, the value or the file, and the
+command line turns it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message is shown to the user as is."""
+
+
+@dataclass
+class TopologyConfig:
+    regions: int = 2
+    ranks_per_region: int = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    ffn_hidden: int = 0  # 0: 8/3 * d_model rounded up to a multiple of 64 (SwiGLU sizing)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # sequences per rank per inner step
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
+    threads: int = 0  # torch intra-op threads per rank; 0: the cores divided among local ranks
+    log_every: int = 10
+
+
+@dataclass
+class SyncConfig:
+    method: Literal["ddp", "diloco", "streaming"] = "diloco"
+    sync_every: int = 50  # H: inner steps between two syncs of the same fragment
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
+    fragments: int = 1  # P
+    fragment_pattern: Literal["strided", "sequential"] = "strided"
+    delay: int = 0  # tau: inner steps between sending a fragment and applying its result
+    alpha: float = 0.0  # streaming merge: live <- alpha * live + (1 - alpha) * global
+
+
+@dataclass
+class DataConfig:
+    source: str = "kjv"  # "kjv" (shipped), a path/glob of text files, or "hf:<dataset>"
+    hf_config: str | None = None
+    text_field: str = "text"
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    vocab_size: int = 4096  # bpe only
+    bpe_train_docs: int = 20000  # hub streams: documents read to train the BPE
+    split: Literal["iid", "non_iid"] = "iid"
+    dirichlet_alpha: float = 0.5  # non_iid: smaller means regions hold more distinct domains
+    eval_fraction: float = 0.02  # local corpora: tail of every domain held out for eval
+    eval_docs: int = 200  # hub streams: leading documents held out for eval
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # 0: only at the start and the end
+    batches: int = 8
+    per_region: bool = False
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"
+    name: str = ""  # empty: the config file's stem
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "cocodc"
+    entity: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep: int = 2
+
+
+@dataclass
+class Config:
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a validated `Config` from a YAML file (or the defaults) and `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(raw).__name__}")
+    config = _build(Config, raw, prefix="")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set(config, key.strip(), _parse_value(text))
+    if not config.run.name:
+        config.run.name = Path(path).stem if path is not None else "run"
+    validate(config)
+    return config
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A validated `Config` from a nested dict (for example a run's saved config.yaml)."""
+    config = _build(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            section = raw[name] if raw[name] is not None else {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"config key '{prefix}{name}' must be a section of keys")
+            values[name] = _build(hint, section, prefix=f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(f"{prefix}{name}", raw[name], hint)
+    return cls(**values)
+
+
+def _set(config: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    target: Any = config
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(target) or part not in _field_names(target):
+            raise ConfigError(f"unknown config key '{dotted}'")
+        if depth < len(parts) - 1:
+            target = getattr(target, part)
+    leaf = parts[-1]
+    hint = typing.get_type_hints(type(target))[leaf]
+    if dataclasses.is_dataclass(hint):
+        raise ConfigError(f"config key '{dotted}' is a section; set one of its keys, e.g. {dotted}.<key>=...")
+    setattr(target, leaf, _coerce(dotted, value, hint))
+
+
+def _field_names(obj: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}
+
+
+# What a YAML value may be for each field type (YAML reads `1` as int, `1.0` as float).
+_ACCEPTED_TYPES: dict[type, tuple[type, ...]] = {
+    bool: (bool,),
+    int: (int,),
+    float: (int, float),
+    str: (str, int, float),
+}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    accepted = _ACCEPTED_TYPES.get(hint, ())
+    if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
+        return hint(value)
+    raise ConfigError(f"config key '{key}' expects {hint.__name__}; got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Range and cross-key checks; raises `ConfigError` naming the first offending key."""
+    t, m, tr, s, d, e = config.topology, config.model, config.train, config.sync, config.data, config.eval
+    positive = {
+        "topology.regions": t.regions,
+        "topology.ranks_per_region": t.ranks_per_region,
+        "model.n_layers": m.n_layers,
+        "model.d_model": m.d_model,
+        "model.n_heads": m.n_heads,
+        "train.steps": tr.steps,
+        "train.batch_size": tr.batch_size,
+        "train.seq_len": tr.seq_len,
+        "train.log_every": tr.log_every,
+        "sync.sync_every": s.sync_every,
+        "sync.fragments": s.fragments,
+        "data.vocab_size": d.vocab_size,
+        "eval.batches": e.batches,
+        "checkpoint.keep": config.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1; got {value}")
+    non_negative = {
+        "model.ffn_hidden": m.ffn_hidden,
+        "train.warmup_steps": tr.warmup_steps,
+        "train.threads": tr.threads,
+        "sync.delay": s.delay,
+        "eval.every": e.every,
+        "checkpoint.every": config.checkpoint.every,
+        "train.grad_clip": tr.grad_clip,
+        "train.weight_decay": tr.weight_decay,
+        "sync.outer_momentum": s.outer_momentum,
+        "data.eval_docs": d.eval_docs,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must not be negative; got {value}")
+    if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model.d_model ({m.d_model}) must split into model.n_heads ({m.n_heads}) heads of even size")
+    if tr.lr <= 0 or s.outer_lr <= 0:
+        raise ConfigError("config keys 'train.lr' and 'sync.outer_lr' must be positive")
+    if not 0 <= tr.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must lie in [0, 1]; got {tr.min_lr_ratio}")
+    if not (0 <= tr.beta1 < 1 and 0 <= tr.beta2 < 1):
+        raise ConfigError("config keys 'train.beta1' and 'train.beta2' must lie in [0, 1)")
+    if s.outer_nesterov and s.outer_momentum == 0:
+        raise ConfigError("sync.outer_nesterov needs a positive sync.outer_momentum")
+    if not 0 <= s.alpha <= 1:
+        raise ConfigError(f"config key 'sync.alpha' must lie in [0, 1]; got {s.alpha}")
+    if not 0 < d.eval_fraction < 0.5:
+        raise ConfigError(f"config key 'data.eval_fraction' must lie in (0, 0.5); got {d.eval_fraction}")
+    if d.dirichlet_alpha <= 0:
+        raise ConfigError(f"config key 'data.dirichlet_alpha' must be positive; got {d.dirichlet_alpha}")
+    if s.method == "diloco" and (s.fragments != 1 or s.delay != 0):
+        raise ConfigError(
+            "sync.method diloco syncs the whole model without overlap: it needs sync.fragments=1 and "
+            f"sync.delay=0 (got {s.fragments} and {s.delay}); use sync.method=streaming for more"
+        )
+    if s.method != "ddp":
+        if s.sync_every % s.fragments:
+            raise ConfigError(f"sync.sync_every ({s.sync_every}) must be a multiple of sync.fragments ({s.fragments})")
+        if s.delay >= s.sync_every:
+            raise ConfigError(f"sync.delay ({s.delay}) must be less than sync.sync_every ({s.sync_every})")
+        if s.fragments > m.n_layers:
+            raise ConfigError(
+                f"sync.fragments ({s.fragments}) cannot exceed model.n_layers ({m.n_layers}): "
+                "a fragment is a group of blocks"
+            )
+    if d.split == "non_iid" and d.source.startswith("hf:"):
+        raise ConfigError("data.split non_iid needs a local corpus with domains; hub streams ('hf:') are iid")
+    name = config.run.name
+    if name and (name in {".", ".."} or "/" in name):
+        raise ConfigError(f"config key 'run.name' must be a plain directory name; got {name!r}")

@@ -1,0 +1,347 @@
+"""Text -> tokens -> per-region shards, through `datasets`; deterministic and resumable.
+
+Sources (`data.source`):
+- `kjv`: the King James Bible shipped with the package; its 66 books are the domains.
+- a text file, a directory of `*.txt` files, or a glob: every file is a domain.
+- `hf:<dataset>`: anything `datasets.load_dataset` can stream (a hub name or a local folder),
+  read as one iid stream; the leading `data.eval_docs` documents are held out for eval.
+
+Local corpora are tokenized once and cut into sequences of seq_len + 1 tokens; every region gets
+a disjoint set of them (`iid`: a seeded shuffle dealt round-robin; `non_iid`: every domain's
+sequences split among regions by Dirichlet(dirichlet_alpha) proportions), and the ranks of a
+region deal the region's set among themselves. The tail `data.eval_fraction` of every domain is
+held out for eval.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import datasets
+import numpy as np
+import torch
+
+from cocodc.config import ConfigError, DataConfig
+
+KJV_PATH = Path(__file__).parent / "corpus" / "kjv.txt.gz"
+EOS_TEXT = "<|endoftext|>"
+_CHAPTER_HEADER = re.compile(r"^(\S.*?) \d+$", re.MULTILINE)
+
+datasets.disable_progress_bars()
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes; byte 0 (absent from text) separates documents."""
+
+    vocab_size = 256
+    eos_id = 0
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) for t in texts]
+
+
+class BPETokenizer:
+    """Byte-level BPE from the `tokenizers` library, trained on the run's own corpus."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.eos_id = tokenizer.token_to_id(EOS_TEXT)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tokenizer = HFTokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+        return cls(tokenizer)
+
+    @classmethod
+    def load(cls, path: Path) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        self._tokenizer.save(str(tmp))
+        tmp.replace(path)
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self._tokenizer.encode_batch(texts)]
+
+
+# ---------------------------------------------------------------------------------- sources
+
+
+def load_domains(config: DataConfig) -> list[tuple[str, str]]:
+    """(domain name, text) pairs of a local corpus, read through `datasets`."""
+    if config.source == "kjv":
+        (text,) = _read_documents([KJV_PATH])
+        return split_books(text)
+    files = _text_files(config.source)
+    return [(str(f), text) for f, text in zip(files, _read_documents(files), strict=True)]
+
+
+def split_books(text: str) -> list[tuple[str, str]]:
+    """Split the KJV text (chapters headed 'Book N') into one text per book, in order."""
+    books: dict[str, list[str]] = {}
+    headers = list(_CHAPTER_HEADER.finditer(text))
+    for header, following in zip(headers, [*headers[1:], None], strict=True):
+        end = following.start() if following else len(text)
+        books.setdefault(header.group(1), []).append(text[header.start() : end])
+    return [(name, "".join(chapters)) for name, chapters in books.items()]
+
+
+def _text_files(source: str) -> list[Path]:
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    else:
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    if not files:
+        raise ConfigError(f"data.source {source!r}: no such file, or no .txt files in it")
+    return files
+
+
+def _read_documents(files: list[Path]) -> list[str]:
+    dataset = datasets.load_dataset(
+        "text", data_files={"train": [str(f) for f in files]}, sample_by="document", split="train"
+    )
+    return dataset["text"]
+
+
+# ------------------------------------------------------------------------ local corpus shards
+
+
+@dataclass
+class Corpus:
+    """A tokenized local corpus cut into training and eval sequences of seq_len + 1 tokens."""
+
+    sequences: np.ndarray  # (n, seq_len + 1)
+    sequence_domain: np.ndarray  # (n,) index into domains
+    eval_sequences: np.ndarray  # (m, seq_len + 1)
+    domains: list[str]
+
+
+def build_corpus(domains: list[tuple[str, str]], tokenizer: Tokenizer, seq_len: int, eval_fraction: float) -> Corpus:
+    token_arrays = tokenizer.encode([text for _, text in domains])
+    train, train_domain, held_out = [], [], []
+    for index, tokens in enumerate(token_arrays):
+        tokens = np.append(tokens, tokenizer.eos_id)
+        split_at = len(tokens) - int(len(tokens) * eval_fraction)
+        train_part = cut_sequences(tokens[:split_at], seq_len)
+        train.append(train_part)
+        train_domain.append(np.full(len(train_part), index))
+        held_out.append(cut_sequences(tokens[split_at:], seq_len))
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+    return Corpus(
+        sequences=np.concatenate(train).astype(dtype),
+        sequence_domain=np.concatenate(train_domain),
+        eval_sequences=np.concatenate(held_out).astype(dtype),
+        domains=[name for name, _ in domains],
+    )
+
+
+def cut_sequences(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Sequences of seq_len + 1 tokens at stride seq_len: each target is the next input's first."""
+    count = max(0, (len(tokens) - 1) // seq_len)
+    if count == 0:
+        return np.empty((0, seq_len + 1), dtype=tokens.dtype)
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)
+    return np.ascontiguousarray(windows[: count * seq_len : seq_len])
+
+
+def region_shards(
+    sequence_domain: np.ndarray, regions: int, split: str, dirichlet_alpha: float, seed: int
+) -> list[np.ndarray]:
+    """Disjoint sequence indices for each region (sorted)."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    if split == "iid":
+        order = rng.permutation(len(sequence_domain))
+        return [np.sort(order[m::regions]) for m in range(regions)]
+    pieces: list[list[np.ndarray]] = [[] for _ in range(regions)]
+    for domain in np.unique(sequence_domain):
+        members = np.flatnonzero(sequence_domain == domain)
+        shares = rng.dirichlet(np.full(regions, dirichlet_alpha))
+        cuts = np.round(np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for m, piece in enumerate(np.split(members, cuts)):
+            pieces[m].append(piece)
+    return [np.sort(np.concatenate(p)) for p in pieces]
+
+
+class ShardLoader:
+    """Batches from one rank's share of a corpus; reshuffled every epoch; resumable mid-epoch."""
+
+    def __init__(self, sequences: np.ndarray, indices: np.ndarray, batch_size: int, seed: list[int]):
+        if len(indices) < batch_size:
+            raise ConfigError(
+                f"a rank's data shard holds {len(indices)} sequences, fewer than train.batch_size "
+                f"({batch_size}); use more data, fewer regions or, for non_iid, a larger data.dirichlet_alpha"
+            )
+        self.sequences, self.indices, self.batch_size, self.seed = sequences, indices, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> np.ndarray:
+        return self.indices[np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.indices))]
+
+    def next_batch(self) -> torch.Tensor:
+        if self.position + self.batch_size > len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        rows = self._order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return torch.from_numpy(self.sequences[np.sort(rows)].astype(np.int64))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order()
+
+
+# ------------------------------------------------------------------------------ hub streams
+
+
+def open_stream(config: DataConfig) -> datasets.IterableDataset:
+    name = config.source.removeprefix("hf:")
+    try:
+        stream = datasets.load_dataset(name, config.hf_config, split="train", streaming=True)
+    except Exception as err:  # datasets raises many kinds; the user needs the one line
+        raise ConfigError(f"data.source {config.source!r} cannot be opened: {err}") from None
+    if config.text_field not in (stream.column_names or [config.text_field]):
+        raise ConfigError(f"data.text_field {config.text_field!r} is not a column of {name}")
+    return stream
+
+
+def stream_texts(stream: datasets.IterableDataset, text_field: str, limit: int) -> list[str]:
+    return [row[text_field] for row in stream.take(limit)]
+
+
+class StreamLoader:
+    """Packs a tokenized document stream into batches; its state is the stream's plus the carry."""
+
+    def __init__(
+        self,
+        stream: datasets.IterableDataset,
+        tokenizer: Tokenizer,
+        text_field: str,
+        batch_size: int,
+        seq_len: int,
+    ):
+        self.stream, self.tokenizer, self.text_field = stream, tokenizer, text_field
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.epoch = 0
+        self._carry = np.empty(0, dtype=np.int64)
+        self._rows: Iterator[dict[str, Any]] = iter(self.stream)
+
+    def next_batch(self) -> torch.Tensor:
+        need = self.batch_size * (self.seq_len + 1)
+        parts, have = [self._carry], len(self._carry)
+        while have < need:
+            tokens = np.append(self.tokenizer.encode([self._next_row()[self.text_field]])[0], self.tokenizer.eos_id)
+            parts.append(tokens)
+            have += len(tokens)
+        flat = np.concatenate(parts).astype(np.int64)
+        self._carry = flat[need:]
+        return torch.from_numpy(flat[:need].reshape(self.batch_size, self.seq_len + 1))
+
+    def _next_row(self) -> dict[str, Any]:
+        for _ in range(2):
+            try:
+                return next(self._rows)
+            except StopIteration:
+                self.epoch += 1
+                self.stream.set_epoch(self.epoch)
+                self._rows = iter(self.stream)
+        raise ConfigError("data.source holds no documents for this rank")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "stream": self.stream.state_dict(), "carry": torch.from_numpy(self._carry.copy())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.stream.set_epoch(self.epoch)
+        self.stream.load_state_dict(state["stream"])
+        self._rows = iter(self.stream)
+        self._carry = state["carry"].numpy().astype(np.int64)
+
+
+def eval_batches(eval_sequences: np.ndarray, batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """A fixed eval set: `batches` batches drawn without replacement from the held-out sequences."""
+    order = np.random.default_rng([seed, 0xE7A1]).permutation(len(eval_sequences))
+    take = order[: batches * batch_size]
+    if len(take) == 0:
+        raise ConfigError("the held-out eval split is empty; raise data.eval_fraction or use more data")
+    rows = eval_sequences[np.sort(take)].astype(np.int64)
+    return [torch.from_numpy(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+# ------------------------------------------------------------------------- one rank's data
+
+
+@dataclass
+class RankData:
+    loader: ShardLoader | StreamLoader
+    eval_batches: list[torch.Tensor]
+
+
+def tokenizer_training_texts(config: DataConfig) -> list[str]:
+    if config.source.startswith("hf:"):
+        stream = open_stream(config)
+        return stream_texts(stream.skip(config.eval_docs), config.text_field, config.bpe_train_docs)
+    return [text for _, text in load_domains(config)]
+
+
+def load_rank_data(
+    config: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    batch_size: int,
+    seq_len: int,
+    eval_batch_count: int,
+    regions: int,
+    ranks_per_region: int,
+    rank: int,
+) -> RankData:
+    """The training loader of one rank and the (shared) eval set."""
+    if config.source.startswith("hf:"):
+        from datasets.distributed import split_dataset_by_node
+
+        stream = open_stream(config)
+        held_out = tokenizer.encode(stream_texts(stream, config.text_field, config.eval_docs))
+        tokens = np.concatenate([np.append(t, tokenizer.eos_id) for t in held_out] or [np.empty(0, np.int32)])
+        evals = eval_batches(cut_sequences(tokens, seq_len), eval_batch_count, batch_size, seed)
+        mine = split_dataset_by_node(stream.skip(config.eval_docs), rank=rank, world_size=regions * ranks_per_region)
+        return RankData(StreamLoader(mine, tokenizer, config.text_field, batch_size, seq_len), evals)
+    corpus = build_corpus(load_domains(config), tokenizer, seq_len, config.eval_fraction)
+    shards = region_shards(corpus.sequence_domain, regions, config.split, config.dirichlet_alpha, seed)
+    mine = shards[rank // ranks_per_region][rank % ranks_per_region :: ranks_per_region]
+    loader = ShardLoader(corpus.sequences, mine, batch_size, seed=[seed, rank])
+    return RankData(loader, eval_batches(corpus.eval_sequences, eval_batch_count, batch_size, seed))

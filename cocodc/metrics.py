@@ -1,0 +1,179 @@
+"""Where a run's numbers go: console progress, `metrics.jsonl`, and wandb.
+
+Every region's leader appends its own records (each carries `region`) to metrics.jsonl, one line
+per `write()`, so regions on one host never interleave mid-line; rank 0 also writes the global
+eval records. With wandb enabled every region is one run in a group named after the experiment,
+with inner-step and outer-step axes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cocodc.config import Config
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the records a stopped run wrote after its last checkpoint."""
+    if path.exists():
+        kept = [r for r in read_records(path) if r["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Console:
+    """A progress bar on a terminal; a plain line every tenth of the run anywhere else."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total, self.start = total_steps, start_step
+        self.every = max(1, total_steps // 10)
+        self.started = time.perf_counter()
+        self.bar = (
+            tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+            if sys.stderr.isatty()
+            else None
+        )
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.3f} | {tokens_per_s / 1e3:.1f}k tok/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif step % self.every == 0 or step == self.total:
+            done = step - self.start
+            eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
+            self.print(
+                f"step {step}/{self.total} | loss {loss:.4f} | {tokens_per_s / 1e3:.1f}k tok/s | eta {_duration(eta)}"
+            )
+
+    def print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Metrics:
+    def __init__(self, config: Config, region: int, is_region_leader: bool, is_leader: bool, start_step: int):
+        self.region, self.is_leader = region, is_leader
+        run_dir = config.run_dir
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if is_region_leader else None  # noqa: SIM115
+        self.console = Console(config.train.steps, start_step) if is_leader else None
+        self.wandb = _start_wandb(config, region) if is_region_leader and config.wandb.mode != "disabled" else None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+    def train(self, step: int, loss: float, lr: float, step_s: float, tokens_per_s: float, log: bool) -> None:
+        if self.console is not None:
+            self.console.update(step, loss, tokens_per_s)
+        if not log:
+            return
+        self._write(
+            {
+                "kind": "train",
+                "step": step,
+                "region": self.region,
+                "loss": loss,
+                "lr": lr,
+                "step_s": step_s,
+                "tokens_per_s": tokens_per_s,
+            }
+        )
+        if self.wandb is not None:
+            self.wandb.log(
+                {
+                    "inner_step": step,
+                    "train/loss": loss,
+                    "train/lr": lr,
+                    "train/step_s": step_s,
+                    "train/tokens_per_s": tokens_per_s,
+                }
+            )
+
+    def eval(self, step: int, loss: float, scope: str) -> None:
+        """scope: "global" (the outer parameters; written by rank 0) or "region" (live parameters)."""
+        if scope == "global" and not self.is_leader:
+            return
+        record = {"kind": "eval", "step": step, "scope": scope, "loss": loss, "ppl": math.exp(loss)}
+        if scope == "region":
+            record["region"] = self.region
+        self._write(record)
+        if self.wandb is not None:
+            prefix = "eval" if scope == "global" else "eval_region"
+            self.wandb.log({"inner_step": step, f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(loss)})
+        if self.console is not None:
+            self.console.print(f"eval  step {step:>6} | {scope} loss {loss:.4f} | ppl {math.exp(loss):.2f}")
+
+    def sync(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self._write({**record, "step": record["apply_step"], "region": self.region})
+            if self.wandb is not None:
+                self.wandb.log(
+                    {
+                        "outer_step": record["outer_step"],
+                        "inner_step": record["apply_step"],
+                        **{f"sync/{k}": v for k, v in record.items() if k not in ("kind", "outer_step")},
+                    }
+                )
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        if self.console is not None:
+            self.console.close()
+        if self.wandb is not None:
+            if summary is not None:
+                self.wandb.summary.update(summary)
+            self.wandb.finish()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _start_wandb(config: Config, region: int) -> Any:
+    import wandb
+
+    run_dir = config.run_dir
+    id_file = run_dir / f"wandb-region{region}.id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    run = wandb.init(
+        project=config.wandb.project,
+        entity=config.wandb.entity,
+        group=config.run.name,
+        name=f"{config.run.name}-region{region}",
+        job_type="region",
+        id=run_id,
+        resume="allow",
+        mode=config.wandb.mode,
+        dir=str(run_dir),
+        config={**config.to_dict(), "region": region},
+        settings=wandb.Settings(console="off", quiet=True),
+    )
+    run.define_metric("inner_step")
+    run.define_metric("outer_step")
+    for prefix in ("train", "eval", "eval_region"):
+        run.define_metric(f"{prefix}/*", step_metric="inner_step")
+    run.define_metric("sync/*", step_metric="outer_step")
+    return run

@@ -1,0 +1,153 @@
+"""OuterSync: the outer loop of DiLoCo and Streaming DiLoCo, for any training loop.
+
+Call `step()` after every inner optimizer step and `finish()` after the last. The schedule says
+which fragment to send or apply after which step; the pseudo-gradients travel through the comm
+engine while inner steps go on, and the outer optimizer (one per fragment) runs on their mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from cocodc.comm import CommEngine, Handle
+from cocodc.config import SyncConfig
+from cocodc.sync.fragments import Fragment, split_model, split_modules
+from cocodc.sync.merge import merge_alpha, pseudo_gradient
+from cocodc.sync.schedule import RoundRobinSchedule, Slot
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+
+@dataclass
+class _InFlight:
+    slot: Slot
+    handle: Handle
+
+
+class OuterSync:
+    def __init__(
+        self,
+        fragments: nn.Module | Sequence[nn.Module],
+        config: SyncConfig,
+        comm: CommEngine | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
+    ):
+        if config.method not in ("diloco", "streaming"):
+            raise ValueError(f"OuterSync runs diloco or streaming, not {config.method!r}")
+        if isinstance(fragments, nn.Module):
+            self.fragments: list[Fragment] = split_model(fragments, config.fragments, config.fragment_pattern)
+        else:
+            self.fragments = split_modules(fragments)
+        self.config = config
+        self.comm = comm if comm is not None else CommEngine(group)
+        self.schedule = RoundRobinSchedule(config.sync_every, len(self.fragments), config.delay)
+        self.global_params = [[p.detach().clone() for p in f.params] for f in self.fragments]
+        self.optimizers = [
+            torch.optim.SGD(params, lr=config.outer_lr, momentum=config.outer_momentum, nesterov=config.outer_nesterov)
+            for params in self.global_params
+        ]
+        self.inner_step = 0
+        self.outer_steps = 0
+        self._in_flight: dict[int, _InFlight] = {}
+        self._records: list[dict[str, Any]] = []
+
+    def step(self) -> None:
+        """Account for one inner step just taken; send and apply what the schedule says."""
+        self.inner_step += 1
+        send = self.schedule.send_at(self.inner_step)
+        if send is not None:
+            self._send(send)
+        apply = self.schedule.apply_at(self.inner_step)
+        if apply is not None:
+            self._apply(self._in_flight.pop(apply.fragment))
+
+    def finish(self) -> None:
+        """Apply every fragment still in flight, in slot order."""
+        for pending in sorted(self._in_flight.values(), key=lambda x: x.slot.index):
+            self._apply(pending)
+        self._in_flight.clear()
+
+    def _send(self, slot: Slot) -> None:
+        if slot.fragment in self._in_flight:
+            raise RuntimeError(f"fragment {slot.fragment} is already in flight")
+        payload = pseudo_gradient(self.global_params[slot.fragment], self.fragments[slot.fragment].params)
+        self._in_flight[slot.fragment] = _InFlight(slot, self.comm.all_reduce_mean(payload))
+
+    def _apply(self, pending: _InFlight) -> None:
+        p = pending.slot.fragment
+        mean = pending.handle.wait()
+        params = self.global_params[p]
+        for param, grad in zip(params, mean.split([t.numel() for t in params]), strict=True):
+            param.grad = grad.view_as(param).to(param.dtype)
+        self.optimizers[p].step()
+        self.optimizers[p].zero_grad(set_to_none=True)
+        merge_alpha(self.fragments[p].params, params, self.config.alpha)
+        self.outer_steps += 1
+        handle = pending.handle
+        self._records.append(
+            {
+                "kind": "sync",
+                "outer_step": self.outer_steps,
+                "fragment": p,
+                "send_step": pending.slot.send_step,
+                "apply_step": self.inner_step,
+                "bytes_sent": handle.bytes_sent,
+                "bytes_received": handle.bytes_received,
+                "comm_s": handle.finished_at - handle.started_at,
+                "blocked_s": handle.blocked_s,
+            }
+        )
+
+    def pop_records(self) -> list[dict[str, Any]]:
+        """Sync records since the last call (one per applied fragment)."""
+        records, self._records = self._records, []
+        return records
+
+    @contextmanager
+    def global_parameters(self) -> Iterator[None]:
+        """Within the block the live parameters hold the global copy (for eval)."""
+        live = [p for f in self.fragments for p in f.params]
+        saved = [p.detach().clone() for p in live]
+        with torch.no_grad():
+            for p, g in zip(live, (g for params in self.global_params for g in params), strict=True):
+                p.copy_(g)
+            try:
+                yield
+            finally:
+                for p, s in zip(live, saved, strict=True):
+                    p.copy_(s)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly; fragments in flight are waited for and stored."""
+        return {
+            "inner_step": self.inner_step,
+            "outer_steps": self.outer_steps,
+            "global_params": [[t.clone() for t in params] for params in self.global_params],
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "in_flight": [
+                {"slot": pending.slot.index, "mean": pending.handle.wait().clone()}
+                for pending in self._in_flight.values()
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner_step = int(state["inner_step"])
+        self.outer_steps = int(state["outer_steps"])
+        with torch.no_grad():
+            for params, saved in zip(self.global_params, state["global_params"], strict=True):
+                for param, value in zip(params, saved, strict=True):
+                    param.copy_(value)
+        for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(saved)
+        self._in_flight = {}
+        for entry in state["in_flight"]:
+            slot = self.schedule.slot(int(entry["slot"]))
+            self._in_flight[slot.fragment] = _InFlight(slot, Handle(self.comm, None, entry["mean"], 0))

@@ -1,0 +1,96 @@
+"""Regions x ranks per region -> the process groups of DESIGN section 2.
+
+Rank r belongs to region r // R and has local index r % R. The intra-region group holds the R
+ranks of one region (fast link, DDP); the inter-region group holds the M ranks that share a local
+index, one per region (the slow WAN link).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from cocodc.config import Config, ConfigError
+
+
+@dataclass
+class Topology:
+    rank: int
+    world_size: int
+    regions: int
+    ranks_per_region: int
+    device: torch.device
+    world_group: dist.ProcessGroup
+    intra_group: dist.ProcessGroup
+    inter_group: dist.ProcessGroup
+
+    @property
+    def region(self) -> int:
+        return self.rank // self.ranks_per_region
+
+    @property
+    def local_index(self) -> int:
+        return self.rank % self.ranks_per_region
+
+    @property
+    def is_region_leader(self) -> bool:
+        return self.local_index == 0
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(config: Config) -> torch.device:
+    wanted = config.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is visible")
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_topology(config: Config) -> Topology:
+    """Join the torchrun job (or a one-process job outside torchrun) and build the groups."""
+    regions, per_region = config.topology.regions, config.topology.ranks_per_region
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size != regions * per_region:
+        raise ConfigError(
+            f"topology.regions x topology.ranks_per_region = {regions} x {per_region} = "
+            f"{regions * per_region}, but {world_size} processes were started"
+        )
+    device = pick_device(config)
+    backend = config.topology.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a plain `python -m cocodc.train`: a job of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            os.environ.setdefault("RANK", "0")
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    rank = dist.get_rank()
+    # Every rank must create every group, in the same order.
+    intra = [dist.new_group([m * per_region + i for i in range(per_region)]) for m in range(regions)]
+    inter = [dist.new_group([m * per_region + i for m in range(regions)]) for i in range(per_region)]
+    return Topology(
+        rank=rank,
+        world_size=world_size,
+        regions=regions,
+        ranks_per_region=per_region,
+        device=device,
+        world_group=dist.group.WORLD,
+        intra_group=intra[rank // per_region],
+        inter_group=inter[rank % per_region],
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
