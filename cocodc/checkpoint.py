@@ -111,12 +111,14 @@ def check_compatible(root: Path, step: int, config: Config, world_size: int) -> 
     missing = [r for r in range(world_size) if not (directory / f"rank{r}.pt").is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} lacks the files of ranks {missing}")
+    for rank in range(world_size):
+        load_rank(root, step, rank, mmap=True)  # maps the file: finds truncation without reading it all
 
 
-def load_rank(root: Path, step: int, rank: int) -> dict[str, Any]:
+def load_rank(root: Path, step: int, rank: int, mmap: bool = False) -> dict[str, Any]:
     path = step_dir(root, step) / f"rank{rank}.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several kinds for a damaged file
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({type(err).__name__})") from None
 

@@ -59,11 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("train", help="train a model (see `cocodc train --help`)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
-    known, rest = parser.parse_known_args(argv[:1])
-    if known.command == "train":
-        return train_command(argv[1:])
-    parser.error(f"unknown command {known.command}")
-    return 2
+    parser.parse_args(argv[:1])  # --help, --version, or a known command; argparse exits on anything else
+    return train_command(argv[1:])
 
 
 if __name__ == "__main__":

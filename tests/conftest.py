@@ -1,0 +1,37 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "configs" / "tiny.yaml")
+# A smaller model than the demo's, so each torchrun launch in the suite takes seconds.
+FAST = [
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=2",
+    "train.batch_size=8",
+    "train.seq_len=64",
+    "train.warmup_steps=4",
+    "eval.batches=4",
+    "train.log_every=2",
+]
+
+
+def cocodc(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `cocodc` command (which starts torchrun) in a subprocess."""
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "cocodc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def overrides(*pairs: str) -> list[str]:
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+@pytest.fixture
+def run_root(tmp_path: Path) -> Path:
+    return tmp_path / "runs"

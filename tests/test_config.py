@@ -1,0 +1,93 @@
+import pytest
+
+from cocodc.config import Config, ConfigError, load_config
+
+from conftest import REPO, TINY, cocodc
+
+
+def test_defaults_and_file_and_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  steps: 10\nsync:\n  sync_every: 5\n")
+    config = load_config(path, ["train.lr=1", "sync.outer_nesterov=false", "data.hf_config=null"])
+    assert isinstance(config, Config)
+    assert config.train.steps == 10 and config.sync.sync_every == 5
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.sync.outer_nesterov is False
+    assert config.data.hf_config is None
+    assert config.run.name == "exp"  # defaults to the file's stem
+    assert config.model.d_model == 128  # untouched default
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("no_such_key=1", "unknown config key 'no_such_key'"),
+        ("train.no_such=1", "unknown config key 'train.no_such'"),
+        ("train.steps.x=1", "unknown config key 'train.steps.x'"),
+        ("train.steps=abc", "config key 'train.steps' expects int; got 'abc'"),
+        ("train.steps=1.5", "config key 'train.steps' expects int; got 1.5"),
+        ("train.steps=true", "config key 'train.steps' expects int; got True"),
+        ("train.steps=0", "config key 'train.steps' must be at least 1; got 0"),
+        ("sync.method=gossip", "config key 'sync.method' must be one of ddp, diloco, streaming; got 'gossip'"),
+        ("sync.fragments=2", "sync.method diloco syncs the whole model without overlap"),
+        ("sync.sync_every=7", None),
+        ("model.d_model=100", "model.d_model (100) must split into model.n_heads (4) heads of even size"),
+        ("sync.alpha=2", "config key 'sync.alpha' must lie in [0, 1]; got 2.0"),
+        ("train", "override 'train' is not of the form key=value"),
+        ("train=3", "config key 'train' is a section"),
+        ("run.name=a/b", "config key 'run.name' must be a plain directory name"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, message):
+    if message is None:  # a valid value: no error
+        load_config(TINY, [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match=r"sync.sync_every \(10\) must be a multiple of sync.fragments \(3\)"):
+        load_config(TINY, ["sync.method=streaming", "sync.fragments=3", "sync.sync_every=10"])
+    with pytest.raises(ConfigError, match=r"sync.delay \(50\) must be less than sync.sync_every \(50\)"):
+        load_config(TINY, ["sync.method=streaming", "sync.delay=50"])
+    with pytest.raises(ConfigError, match="hub streams"):
+        load_config(TINY, ["data.source=hf:some/dataset", "data.split=non_iid"])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML \(line"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections, not a list"):
+        load_config(bad)
+    bad.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="config key 'train' must be a section of keys"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-c", TINY, "--set", "no_such_key=1"], "cocodc: error: unknown config key 'no_such_key'"),
+        (["-c", "missing.yaml"], "cocodc: error: config file not found: missing.yaml"),
+        (["-c", TINY, "--resume", "--set", "run.dir=nowhere"], "cocodc: error: no checkpoint to resume in"),
+    ],
+)
+def test_cli_reports_one_line_and_exits_2(tmp_path, args, message):
+    result = cocodc("train", *args, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message)
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_configs_in_repo_are_valid():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)

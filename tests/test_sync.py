@@ -1,0 +1,204 @@
+"""The outer-sync math on tiny tensors, with hand-computed values."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from cocodc.comm import CommEngine
+from cocodc.config import ModelConfig, SyncConfig
+from cocodc.model import Transformer
+from cocodc.sync import OuterSync
+from cocodc.sync.fragments import block_groups, split_model
+from cocodc.sync.merge import merge_alpha, pseudo_gradient
+from cocodc.sync.schedule import RoundRobinSchedule
+
+
+def timeline(schedule: RoundRobinSchedule, steps: int) -> list[tuple[int, str, int]]:
+    events = []
+    for step in range(1, steps + 1):
+        if (slot := schedule.send_at(step)) is not None:
+            events.append((step, "send", slot.fragment))
+        if (slot := schedule.apply_at(step)) is not None:
+            events.append((step, "apply", slot.fragment))
+    return events
+
+
+def test_schedule_diloco_sends_and_applies_every_h():
+    assert timeline(RoundRobinSchedule(4, 1, 0), 9) == [
+        (4, "send", 0),
+        (4, "apply", 0),
+        (8, "send", 0),
+        (8, "apply", 0),
+    ]
+
+
+def test_schedule_streaming_round_robin_with_overlap():
+    # H=8, P=2: slots of K=4 steps; tau=2 sends two steps before each slot ends.
+    assert timeline(RoundRobinSchedule(8, 2, 2), 12) == [
+        (2, "send", 0),
+        (4, "apply", 0),
+        (6, "send", 1),
+        (8, "apply", 1),
+        (10, "send", 0),
+        (12, "apply", 0),
+    ]
+
+
+def test_schedule_several_in_flight_and_skipped_first_slot():
+    # H=8, P=4, K=2, tau=3 >= K: slot 1 would send at step -1 and is skipped; two fragments overlap.
+    events = timeline(RoundRobinSchedule(8, 4, 3), 10)
+    assert events == [
+        (1, "send", 1),
+        (3, "send", 2),
+        (4, "apply", 1),
+        (5, "send", 3),
+        (6, "apply", 2),
+        (7, "send", 0),
+        (8, "apply", 3),
+        (9, "send", 1),
+        (10, "apply", 0),
+    ]
+
+
+def test_schedule_rejects_bad_settings():
+    with pytest.raises(ValueError, match="multiple"):
+        RoundRobinSchedule(10, 3, 0)
+    with pytest.raises(ValueError, match="delay"):
+        RoundRobinSchedule(8, 2, 8)
+
+
+def test_fragments_strided_and_sequential():
+    assert block_groups(4, 2, "strided") == [[0, 2], [1, 3]]
+    assert block_groups(5, 2, "sequential") == [[0, 1], [2, 3, 4]]
+    model = Transformer(ModelConfig(n_layers=4, d_model=16, n_heads=2), vocab_size=32, max_seq_len=8)
+    strided = split_model(model, 2, "strided")
+    assert strided[0].names[0] == "embed.weight" and strided[1].names[-1] == "head.weight"
+    assert {n.split(".")[1] for n in strided[0].names if n.startswith("blocks")} == {"0", "2"}
+    sequential = split_model(model, 2, "sequential")
+    assert {n.split(".")[1] for n in sequential[1].names if n.startswith("blocks")} == {"2", "3"}
+    assert "norm.weight" in sequential[1].names
+    for fragments in (strided, sequential, split_model(model, 1)):
+        ids = [id(p) for f in fragments for p in f.params]
+        assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+
+
+def test_pseudo_gradient_sign_and_merge_ends():
+    global_ = [torch.tensor([1.0, 2.0])]
+    live = [torch.tensor([0.5, 2.5])]
+    assert torch.equal(pseudo_gradient(global_, live), torch.tensor([0.5, -0.5]))  # theta_g - theta_m
+    live, new = torch.tensor([0.1, 0.7]), torch.tensor([0.3, 0.2])
+    assert (live + (new - live) != new).any()  # a naive mix would not be exact at alpha = 0
+    replaced = [live.clone()]
+    merge_alpha(replaced, [new], 0.0)
+    assert torch.equal(replaced[0], new)
+    kept = [live.clone()]
+    merge_alpha(kept, [new], 1.0)
+    assert torch.equal(kept[0], live)
+    half = [torch.tensor([1.0, 2.0])]
+    merge_alpha(half, [torch.tensor([3.0, 0.0])], 0.5)
+    assert torch.equal(half[0], torch.tensor([2.0, 1.0]))
+
+
+def scalar_module(value: float) -> nn.Module:
+    module = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(value)
+    return module
+
+
+def test_nesterov_outer_steps_by_hand():
+    # One region: the mean pseudo-gradient is the region's own. lr 0.7, momentum 0.9, Nesterov:
+    # step 1: g=0.4, buf=0.4, update=g+0.9*buf=0.76, theta=1-0.7*0.76=0.468
+    # step 2: g=0.2, buf=0.9*0.4+0.2=0.56, update=0.2+0.9*0.56=0.704, theta=0.468-0.7*0.704=-0.0248
+    module = scalar_module(1.0)
+    outer = OuterSync(module, SyncConfig(method="diloco", sync_every=2), CommEngine(None))
+    weight = module.weight
+    outer.step()
+    with torch.no_grad():
+        weight.fill_(0.6)
+    outer.step()
+    assert weight.item() == pytest.approx(0.468, abs=1e-6)  # replaced by the new global value
+    assert outer.global_params[0][0].item() == pytest.approx(0.468, abs=1e-6)
+    with torch.no_grad():
+        weight.fill_(0.268)
+    outer.step()
+    outer.step()
+    assert weight.item() == pytest.approx(-0.0248, abs=1e-6)
+    assert outer.outer_steps == 2
+
+
+def _two_region_worker(rank: int, store: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        module = scalar_module(1.0)
+        outer = OuterSync(module, SyncConfig(method="diloco", sync_every=1), group=dist.group.WORLD)
+        with torch.no_grad():
+            module.weight.fill_([0.5, 0.7][rank])
+        outer.step()
+        record = outer.pop_records()[0]
+        results[rank] = (module.weight.item(), record["bytes_sent"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pseudo_gradients_are_averaged_over_regions(tmp_path):
+    # Real gloo group of two processes: deltas 0.5 and 0.3 average to 0.4, so both regions land on
+    # 1 - 0.7 * 1.9 * 0.4 = 0.468; a ring all-reduce of one fp32 over 2 ranks moves 4 bytes each way.
+    results = mp.Manager().dict()
+    mp.spawn(_two_region_worker, args=(str(tmp_path / "store"), results), nprocs=2)
+    for rank in (0, 1):
+        weight, sent = results[rank]
+        assert weight == pytest.approx(0.468, abs=1e-6)
+        assert sent == 4
+
+
+def _streaming_model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2), vocab_size=16, max_seq_len=8)
+
+
+def _drift(model: nn.Module, step: int) -> None:
+    """A stand-in inner step: a deterministic change of every parameter."""
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(torch.full_like(p, 0.01 * ((step + i) % 5 - 2)))
+
+
+def test_state_dict_continues_exactly_with_fragments_in_flight():
+    config = SyncConfig(method="streaming", sync_every=4, fragments=2, delay=1, alpha=0.5)
+    reference = _streaming_model()
+    outer = OuterSync(reference, config, CommEngine(None))
+    for step in range(1, 13):
+        _drift(reference, step)
+        outer.step()
+    outer.finish()
+
+    first = _streaming_model()
+    outer = OuterSync(first, config, CommEngine(None))
+    for step in range(1, 6):  # step 5 sends fragment 0 (slot 3 ends at 6): it is in flight
+        _drift(first, step)
+        outer.step()
+    state, weights = outer.state_dict(), {k: v.clone() for k, v in first.state_dict().items()}
+    assert len(state["in_flight"]) == 1
+    resumed = _streaming_model()
+    resumed.load_state_dict(weights)
+    outer = OuterSync(resumed, config, CommEngine(None))
+    outer.load_state_dict(state)
+    for step in range(6, 13):
+        _drift(resumed, step)
+        outer.step()
+    outer.finish()
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_global_parameters_swap_restores_live():
+    module = scalar_module(1.0)
+    outer = OuterSync(module, SyncConfig(method="diloco", sync_every=10), CommEngine(None))
+    with torch.no_grad():
+        module.weight.fill_(0.25)
+    with outer.global_parameters():
+        assert module.weight.item() == 1.0
+    assert module.weight.item() == 0.25

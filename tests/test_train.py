@@ -1,0 +1,165 @@
+"""End to end under torchrun (gloo on CPU): the real `cocodc train` command, real process groups."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cocodc.config import load_config
+from cocodc.metrics import read_records
+from cocodc.model import Transformer
+
+from conftest import FAST, TINY, cocodc, overrides
+from wandb_log import summarize
+
+BASE = [*FAST, "train.steps=24", "sync.sync_every=8", "eval.every=8", "checkpoint.every=8"]
+
+
+def param_count(*extra: str) -> int:
+    config = load_config(TINY, [*FAST, *extra])
+    return sum(p.numel() for p in Transformer(config.model, 256, config.train.seq_len).parameters())
+
+
+def train(root: Path, name: str, *settings: str, flags: tuple[str, ...] = ()) -> Path:
+    result = cocodc(
+        "train", "-c", TINY, *flags, *overrides(*BASE, f"run.dir={root}", f"run.name={name}", *settings), cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    return train(root, "full", "wandb.mode=offline", "eval.per_region=true")
+
+
+def test_diloco_two_regions_trains_and_reports(full_run):
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert summary["method"] == "diloco" and summary["regions"] == 2 and summary["steps"] == 24
+    assert summary["final_eval_ppl"] < summary["initial_eval_ppl"] / 2
+    assert summary["tokens"] == 24 * 2 * 8 * 64
+    assert 0 < summary["compute_fraction"] <= 1
+    payload = 4 * param_count()  # fp32 pseudo-gradient of the whole model; ring over 2 regions: 1x each way
+    assert summary["bytes_sent"] == summary["bytes_received"] == 3 * payload
+
+    records = read_records(full_run / "metrics.jsonl")
+    syncs = sorted(
+        (r["region"], r["send_step"], r["apply_step"], r["fragment"]) for r in records if r["kind"] == "sync"
+    )
+    assert syncs == [(m, s, s, 0) for m in (0, 1) for s in (8, 16, 24)]
+    assert all(r["bytes_sent"] == payload for r in records if r["kind"] == "sync")
+    evals = [r for r in records if r["kind"] == "eval" and r["scope"] == "global"]
+    assert [r["step"] for r in evals] == [0, 8, 16, 24]
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    region_evals = {(r["region"], r["step"]) for r in records if r["kind"] == "eval" and r["scope"] == "region"}
+    assert {(0, 8), (1, 8), (0, 24), (1, 24)} <= region_evals
+    assert sorted({(r["region"], r["step"]) for r in records if r["kind"] == "train"}) == [
+        (m, s) for m in (0, 1) for s in range(2, 25, 2)
+    ]
+    saved = load_config(full_run / "config.yaml")
+    assert saved.train.steps == 24 and saved.model.d_model == 64
+
+
+def test_wandb_offline_logs_one_run_per_region(full_run):
+    files = sorted(full_run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    runs = sorted((summarize(f) for f in files), key=lambda r: r["run"].display_name)
+    assert [r["run"].display_name for r in runs] == ["full-region0", "full-region1"]
+    for region, run in enumerate(runs):
+        assert run["run"].run_group == "full"
+        config = {item.key: json.loads(item.value_json) for item in run["run"].config.update}
+        assert config["train"]["steps"] == 24 and config["region"] == region
+        assert run["metrics"]["train/*"] == "inner_step" and run["metrics"]["sync/*"] == "outer_step"
+        syncs = [h for h in run["history"] if "sync/fragment" in h]
+        assert [h["outer_step"] for h in syncs] == [1, 2, 3]
+        assert [h["inner_step"] for h in run["history"] if "train/loss" in h] == list(range(2, 25, 2))
+    global_evals = [h["inner_step"] for h in runs[0]["history"] if "eval/loss" in h]
+    assert global_evals == [0, 8, 16, 24]
+    assert not any("eval/loss" in h for h in runs[1]["history"])  # the global eval is logged once
+
+
+def test_resume_is_bit_identical(full_run, tmp_path):
+    stopped = cocodc(
+        "train", "-c", TINY, "--stop-at", "12", *overrides(*BASE, f"run.dir={tmp_path}", "run.name=split"), cwd=tmp_path
+    )
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    assert "stopped after step 12" in stopped.stderr
+    assert (tmp_path / "split" / "checkpoints" / "LATEST").read_text() == "12\n"
+    assert not (tmp_path / "split" / "summary.json").exists()
+    resumed = train(tmp_path, "split", flags=("--resume",))
+
+    for rank in (0, 1):
+        a = torch.load(full_run / "checkpoints" / "step_00000024" / f"rank{rank}.pt", weights_only=True)
+        b = torch.load(resumed / "checkpoints" / "step_00000024" / f"rank{rank}.pt", weights_only=True)
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), key
+        for x, y in zip(a["outer"]["global_params"][0], b["outer"]["global_params"][0], strict=True):
+            assert torch.equal(x, y)
+    full_summary = json.loads((full_run / "summary.json").read_text())
+    split_summary = json.loads((resumed / "summary.json").read_text())
+    assert split_summary["final_eval_loss"] == full_summary["final_eval_loss"]
+    assert split_summary["initial_eval_loss"] == full_summary["initial_eval_loss"]
+    assert split_summary["bytes_sent"] == full_summary["bytes_sent"]
+
+    def losses(run: Path) -> list[tuple]:
+        records = read_records(run / "metrics.jsonl")
+        return sorted((r["region"], r["step"], r["loss"]) for r in records if r["kind"] == "train")
+
+    assert losses(resumed) == losses(full_run)  # nothing duplicated by the restart, nothing lost
+
+
+def test_bad_resumes_and_reused_run_dirs_are_refused(full_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("wandb"))
+
+    def attempt(*args: str) -> str:
+        result = cocodc(
+            "train",
+            "-c",
+            TINY,
+            *overrides(*BASE, f"run.dir={tmp_path}", "run.name=copy"),
+            *args,
+            cwd=tmp_path,
+            timeout=120,
+        )
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        return result.stderr
+
+    assert "run directory" in attempt() and "exists; pass --resume" in attempt()
+    assert "was written with model.d_model=64; the config says 32" in attempt("--resume", "--set", "model.d_model=32")
+    latest = run / "checkpoints" / "step_00000024" / "rank1.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    assert f"checkpoint file {latest} is corrupt or unreadable" in attempt("--resume")
+    (run / "checkpoints" / "LATEST").write_text("garbage")
+    assert "LATEST is corrupt" in attempt("--resume")
+
+
+def test_ddp_baseline_all_reduces_every_step(tmp_path):
+    run = train(tmp_path, "ddp", "sync.method=ddp", "train.steps=6", "eval.every=0", "checkpoint.every=0")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "ddp"
+    assert summary["bytes_sent"] == 6 * 4 * param_count()  # every gradient, every step
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    assert not [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "sync"]
+
+
+def test_two_ranks_per_region(tmp_path):
+    run = train(
+        tmp_path,
+        "wide",
+        "topology.ranks_per_region=2",
+        "train.steps=8",
+        "sync.sync_every=4",
+        "eval.every=0",
+        "checkpoint.every=0",
+    )
+    states = [torch.load(run / "checkpoints" / "step_00000008" / f"rank{r}.pt", weights_only=True) for r in range(4)]
+    # DDP keeps a region's ranks identical; the last step is a sync, so every region holds the global model.
+    for state in states[1:]:
+        for key, value in states[0]["model"].items():
+            assert torch.equal(value, state["model"][key]), key
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bytes_sent"] == 2 * 2 * 4 * param_count()  # 2 syncs, each local rank carries the fragment
