@@ -152,10 +152,10 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
         start_step = checkpoint.latest_step(ckpt_root)
         checkpoint.check_compatible(ckpt_root, start_step, config, topology.world_size)
         state = checkpoint.load_rank(ckpt_root, start_step, topology.rank)
-    if stop_at is not None and stop_at <= start_step:
-        raise ConfigError(f"--stop-at {stop_at} must come after the step training starts from ({start_step})")
         if topology.is_leader:
             truncate_after(run_dir / "metrics.jsonl", start_step)
+    if stop_at is not None and stop_at <= start_step:
+        raise ConfigError(f"--stop-at {stop_at} must come after the step training starts from ({start_step})")
     world.barrier()
 
     device = topology.device

@@ -87,8 +87,12 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     )
     assert stopped.returncode == 0, stopped.stderr[-4000:]
     assert "stopped after step 12" in stopped.stderr
-    assert (tmp_path / "split" / "checkpoints" / "LATEST").read_text() == "12\n"
+    latest = tmp_path / "split" / "checkpoints" / "LATEST"
+    assert latest.read_text() == "12\n"
     assert not (tmp_path / "split" / "summary.json").exists()
+    # As if the process died before the step-12 checkpoint was committed: the resume starts from
+    # step 8 and must drop the records written after it before writing them again.
+    latest.write_text("8\n")
     resumed = train(tmp_path, "split", flags=("--resume",))
 
     for rank in (0, 1):
