@@ -67,6 +67,27 @@ class SyncConfig:
     fragment_pattern: Literal["strided", "sequential"] = "strided"
     delay: int = 0  # tau: inner steps between sending a fragment and applying its result
     alpha: float = 0.0  # streaming merge: live <- alpha * live + (1 - alpha) * global
+    quantize: Literal["fp32", "bf16", "fp8", "int8", "e3m0"] = "fp32"  # pseudo-gradients on the wire
+
+
+@dataclass
+class WanConfig:
+    """The link between regions. A number applies to every pair of regions; an M x M list of
+    lists (row: from region, column: to region) sets each one-way link on its own."""
+
+    emulation: Literal["model", "netem"] = "model"  # model: the comm engine's link model; netem: namespaces
+    latency_ms: float | list[list[float]] = 0.0  # one-way
+    bandwidth_mbps: float | list[list[float]] = 0.0  # 0: unlimited
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0  # packet loss; netem only (TCP retransmits are not modelled)
+
+    @property
+    def enabled(self) -> bool:
+        return any(_any_positive(v) for v in (self.latency_ms, self.bandwidth_mbps, self.jitter_ms, self.loss_pct))
+
+
+def _any_positive(value: float | list[list[float]]) -> bool:
+    return any(v > 0 for row in value for v in row) if isinstance(value, list) else value > 0
 
 
 @dataclass
@@ -119,6 +140,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    wan: WanConfig = field(default_factory=WanConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
 
@@ -222,6 +244,11 @@ _ACCEPTED_TYPES: dict[type, tuple[type, ...]] = {
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list; got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(key, v, item) for v in value]
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -231,7 +258,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(key, value, args[0])
+        for arg in args:
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(a, "__name__", None) if typing.get_origin(a) is None else str(a) for a in args)
+        raise ConfigError(f"config key '{key}' expects {names}; got {value!r}")
     accepted = _ACCEPTED_TYPES.get(hint, ())
     if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
         return hint(value)
@@ -306,8 +339,28 @@ def validate(config: Config) -> None:
                 f"sync.fragments ({s.fragments}) cannot exceed model.n_layers ({m.n_layers}): "
                 "a fragment is a group of blocks"
             )
+    _validate_wan(config)
     if d.split == "non_iid" and d.source.startswith("hf:"):
         raise ConfigError("data.split non_iid needs a local corpus with domains; hub streams ('hf:') are iid")
     name = config.run.name
     if name and (name in {".", ".."} or "/" in name):
         raise ConfigError(f"config key 'run.name' must be a plain directory name; got {name!r}")
+
+
+def _validate_wan(config: Config) -> None:
+    from cocodc.comm.wan import LinkModel
+
+    w = config.wan
+    for key in ("latency_ms", "bandwidth_mbps", "jitter_ms", "loss_pct"):
+        value = getattr(w, key)
+        values = [v for row in value for v in row] if isinstance(value, list) else [value]
+        if any(v < 0 for v in values):
+            raise ConfigError(f"config key 'wan.{key}' must not be negative; got {value}")
+    if w.loss_pct >= 100:
+        raise ConfigError(f"config key 'wan.loss_pct' must be below 100; got {w.loss_pct}")
+    if w.loss_pct and w.emulation != "netem":
+        raise ConfigError("wan.loss_pct needs wan.emulation=netem: the link model does not model retransmits")
+    try:
+        LinkModel.build(config.topology.regions, w.latency_ms, w.bandwidth_mbps, w.jitter_ms)
+    except ValueError as err:
+        raise ConfigError(f"config key {err}") from None

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cocodc import checkpoint
 from cocodc.comm import CommEngine
+from cocodc.comm.wan import LinkModel
 from cocodc.config import Config, ConfigError, load_config
 from cocodc.data import BPETokenizer, ByteTokenizer, Tokenizer, load_rank_data, tokenizer_training_texts
 from cocodc.metrics import Metrics, truncate_after
@@ -122,6 +123,22 @@ def build_tokenizer(config: Config, topology: Topology, world: CommEngine) -> To
     return BPETokenizer.load(path)
 
 
+def wan_engine(config: Config, topology: Topology) -> CommEngine:
+    """The engine over the WAN: the inter-region group (the world for ddp), with the link model
+    when one is configured (a netem-emulated WAN delays the real packets instead)."""
+    ddp = config.sync.method == "ddp"
+    group = topology.world_group if ddp else topology.inter_group
+    w = config.wan
+    if not w.enabled or w.emulation != "model":
+        return CommEngine(group)
+    link = LinkModel.build(
+        topology.regions, w.latency_ms, w.bandwidth_mbps, w.jitter_ms, seed=config.seed + topology.rank
+    )
+    if ddp:
+        link = link.for_ranks([r // topology.ranks_per_region for r in range(topology.world_size)])
+    return CommEngine(group, link)
+
+
 @dataclass
 class Totals:
     """Running sums that survive a resume."""
@@ -175,8 +192,9 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
     model = Transformer(config.model, tokenizer.vocab_size, config.train.seq_len).to(device)
     optimizer = inner_optimizer(model, config)
     method = config.sync.method
-    wan = CommEngine(topology.world_group if method == "ddp" else topology.inter_group)
-    outer = OuterSync(model, config.sync, wan) if method != "ddp" else None
+    intra = CommEngine(topology.intra_group)
+    wan = wan_engine(config, topology)
+    outer = OuterSync(model, config.sync, wan, intra=intra) if method != "ddp" else None
     totals = Totals()
     if state is not None:
         model.load_state_dict(state["model"])
@@ -201,7 +219,6 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    intra = CommEngine(topology.intra_group)
     metrics = Metrics(config, topology.region, topology.is_region_leader, topology.is_leader, start_step)
 
     def eval_global(step: int) -> float:

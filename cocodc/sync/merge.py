@@ -11,8 +11,8 @@ def pseudo_gradient(global_params: list[torch.Tensor], live_params: list[torch.T
 
 
 def merge_alpha(live_params: list[torch.Tensor], global_params: list[torch.Tensor], alpha: float) -> None:
-    """live <- alpha * live + (1 - alpha) * global. alpha = 0 is DiLoCo's replace, exactly:
-    torch.lerp computes weight 1 as `end - (end - start) * 0`."""
+    """live <- global + alpha * (live - global), as torch.lerp(global, live, alpha) computes it
+    (torchft's order, so results match bit for bit). alpha = 0 is DiLoCo's replace, exactly."""
     with torch.no_grad():
         for live, new in zip(live_params, global_params, strict=True):
-            live.lerp_(new.to(live.dtype), 1.0 - alpha)
+            live.copy_(torch.lerp(new.to(live.dtype), live, alpha))

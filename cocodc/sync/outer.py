@@ -2,7 +2,12 @@
 
 Call `step()` after every inner optimizer step and `finish()` after the last. The schedule says
 which fragment to send or apply after which step; the pseudo-gradients travel through the comm
-engine while inner steps go on, and the outer optimizer (one per fragment) runs on their mean.
+engine (encoded by `sync.quantize`) while inner steps go on, and the outer optimizer (one per
+fragment) runs on their mean.
+
+With several ranks per region (an `intra` engine over the region's ranks, which hold identical
+parameters), each rank carries only its 1/R share of a fragment over the WAN, and the region
+re-assembles the mean over its fast link when the fragment is applied.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 
 from cocodc.comm import CommEngine, Handle
+from cocodc.comm.codec import get_codec
 from cocodc.config import SyncConfig
 from cocodc.sync.fragments import Fragment, split_model, split_modules
 from cocodc.sync.merge import merge_alpha, pseudo_gradient
@@ -39,6 +45,7 @@ class OuterSync:
         comm: CommEngine | None = None,
         *,
         group: dist.ProcessGroup | None = None,
+        intra: CommEngine | None = None,
     ):
         if config.method not in ("diloco", "streaming"):
             raise ValueError(f"OuterSync runs diloco or streaming, not {config.method!r}")
@@ -48,6 +55,8 @@ class OuterSync:
             self.fragments = split_modules(fragments)
         self.config = config
         self.comm = comm if comm is not None else CommEngine(group)
+        self.intra = intra
+        self.codec = get_codec(config.quantize)
         self.schedule = RoundRobinSchedule(config.sync_every, len(self.fragments), config.delay)
         self.global_params = [[p.detach().clone() for p in f.params] for f in self.fragments]
         self.optimizers = [
@@ -79,12 +88,18 @@ class OuterSync:
         if slot.fragment in self._in_flight:
             raise RuntimeError(f"fragment {slot.fragment} is already in flight")
         payload = pseudo_gradient(self.global_params[slot.fragment], self.fragments[slot.fragment].params)
-        self._in_flight[slot.fragment] = _InFlight(slot, self.comm.all_reduce_mean(payload))
+        if self.intra is not None and self.intra.size > 1:
+            share = -(-payload.numel() // self.intra.size)
+            payload = torch.nn.functional.pad(payload, (0, share * self.intra.size - payload.numel()))
+            payload = payload[self.intra.rank * share : (self.intra.rank + 1) * share].clone()
+        self._in_flight[slot.fragment] = _InFlight(slot, self.comm.all_reduce_mean(payload, self.codec))
 
     def _apply(self, pending: _InFlight) -> None:
         p = pending.slot.fragment
         mean = pending.handle.wait()
         params = self.global_params[p]
+        if self.intra is not None and self.intra.size > 1:
+            mean = self.intra.all_gather(mean).wait().view(-1)[: sum(t.numel() for t in params)]
         for param, grad in zip(params, mean.split([t.numel() for t in params]), strict=True):
             param.grad = grad.view_as(param).to(param.dtype)
         self.optimizers[p].step()
@@ -101,7 +116,8 @@ class OuterSync:
                 "apply_step": self.inner_step,
                 "bytes_sent": handle.bytes_sent,
                 "bytes_received": handle.bytes_received,
-                "comm_s": handle.finished_at - handle.started_at,
+                "comm_s": handle.elapsed_s,
+                "modelled_s": handle.modelled_s,
                 "blocked_s": handle.blocked_s,
             }
         )
@@ -150,4 +166,4 @@ class OuterSync:
         self._in_flight = {}
         for entry in state["in_flight"]:
             slot = self.schedule.slot(int(entry["slot"]))
-            self._in_flight[slot.fragment] = _InFlight(slot, Handle(self.comm, None, entry["mean"], 0))
+            self._in_flight[slot.fragment] = _InFlight(slot, Handle.completed(self.comm, entry["mean"]))
