@@ -358,6 +358,8 @@ def _validate_wan(config: Config) -> None:
             raise ConfigError(f"config key 'wan.{key}' must not be negative; got {value}")
     if w.loss_pct >= 100:
         raise ConfigError(f"config key 'wan.loss_pct' must be below 100; got {w.loss_pct}")
+    if w.enabled and w.emulation == "netem" and config.topology.regions < 2:
+        raise ConfigError("wan.emulation=netem needs topology.regions of at least 2")
     if w.loss_pct and w.emulation != "netem":
         raise ConfigError("wan.loss_pct needs wan.emulation=netem: the link model does not model retransmits")
     try:
