@@ -58,7 +58,7 @@ class TrainConfig:
 
 @dataclass
 class SyncConfig:
-    method: Literal["ddp", "diloco", "streaming"] = "diloco"
+    method: Literal["ddp", "diloco", "streaming", "cocodc"] = "diloco"
     sync_every: int = 50  # H: inner steps between two syncs of the same fragment
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -68,6 +68,11 @@ class SyncConfig:
     delay: int = 0  # tau: inner steps between sending a fragment and applying its result
     alpha: float = 0.0  # streaming merge: live <- alpha * live + (1 - alpha) * global
     quantize: Literal["fp32", "bf16", "fp8", "int8", "e3m0"] = "fp32"  # pseudo-gradients on the wire
+    # cocodc: theta <- theta_g + delta - w * (theta_g - theta_send), w = dc_lambda * delta^2, or with
+    # dc_adaptive that over a running mean (decay dc_beta) of delta^2, clamped to [0, 1]; then the alpha mix.
+    dc_lambda: float = 0.5
+    dc_adaptive: bool = True
+    dc_beta: float = 0.99
 
 
 @dataclass
@@ -318,6 +323,10 @@ def validate(config: Config) -> None:
         raise ConfigError("config keys 'train.beta1' and 'train.beta2' must lie in [0, 1)")
     if s.outer_nesterov and s.outer_momentum == 0:
         raise ConfigError("sync.outer_nesterov needs a positive sync.outer_momentum")
+    if s.dc_lambda < 0:
+        raise ConfigError(f"config key 'sync.dc_lambda' must not be negative; got {s.dc_lambda}")
+    if not 0 <= s.dc_beta < 1:
+        raise ConfigError(f"config key 'sync.dc_beta' must lie in [0, 1); got {s.dc_beta}")
     if not 0 <= s.alpha <= 1:
         raise ConfigError(f"config key 'sync.alpha' must lie in [0, 1]; got {s.alpha}")
     if not 0 < d.eval_fraction < 0.5:

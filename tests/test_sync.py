@@ -13,7 +13,7 @@ from cocodc.config import ModelConfig, SyncConfig
 from cocodc.model import Transformer
 from cocodc.sync import OuterSync
 from cocodc.sync.fragments import block_groups, split_model
-from cocodc.sync.merge import merge_alpha, pseudo_gradient
+from cocodc.sync.merge import merge_alpha, merge_compensated, pseudo_gradient, update_normalisers
 from cocodc.sync.schedule import RoundRobinSchedule
 
 
@@ -168,8 +168,9 @@ def _drift(model: nn.Module, step: int) -> None:
             p.add_(torch.full_like(p, 0.01 * ((step + i) % 5 - 2)))
 
 
-def test_state_dict_continues_exactly_with_fragments_in_flight():
-    config = SyncConfig(method="streaming", sync_every=4, fragments=2, delay=1, alpha=0.5)
+@pytest.mark.parametrize("method", ["streaming", "cocodc"])
+def test_state_dict_continues_exactly_with_fragments_in_flight(method):
+    config = SyncConfig(method=method, sync_every=4, fragments=2, delay=1, alpha=0.5)
     reference = _streaming_model()
     outer = OuterSync(reference, config, CommEngine(None))
     for step in range(1, 13):
@@ -247,3 +248,47 @@ def test_streaming_overlap_hides_the_link_that_diloco_waits_for(tmp_path):
         syncs, modelled, blocked = results[rank, "streaming"]
         assert syncs == [(0, 1, 4), (1, 5, 8), (0, 9, 12), (1, 13, 16)]
         assert 0.55 < modelled < 0.8 and blocked < 0.25 * modelled
+
+
+def test_compensated_merge_by_hand():
+    # delta = live - sent = [0.5, 0]; global - sent = [0.25, -1].
+    live, sent, new = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0]), torch.tensor([0.75, 1.0])
+
+    def merged(dc_lambda, alpha=0.0, normaliser=None):
+        out = [live.clone()]
+        merge_compensated(out, [new], [sent], dc_lambda, alpha, None if normaliser is None else [normaliser])
+        return out[0].tolist()
+
+    assert merged(0.0) == [1.25, 1.0]  # replay: global + delta
+    assert merged(2.0) == [1.125, 1.0]  # w = 2 * 0.25 = 0.5: 0.75 + 0.5 - 0.5 * 0.25
+    assert merged(2.0, alpha=0.5) == [1.0625, 1.5]  # halfway back to live
+    assert merged(2.0, alpha=1.0) == [1.0, 2.0]  # the mix at its ends: all live
+    assert merged(0.0, alpha=0.0) == merged(0.0)
+    # Adaptive: w = clamp(lambda * delta^2 / v, 0, 1). v = 1: w = 0.5 * 0.25 = 0.125 -> 0.75 + 0.5 - 0.03125.
+    assert merged(0.5, normaliser=torch.tensor([1.0, 1.0])) == [1.21875, 1.0]
+    # v = delta^2 (the first update): w = lambda; lambda 4 clamps to w = 1, which keeps live exactly.
+    assert merged(4.0, normaliser=torch.tensor([0.25, 0.0])) == [1.0, 1.0]
+
+
+def test_adaptive_normaliser_running_mean():
+    v = [torch.zeros(2)]
+    update_normalisers(v, [torch.tensor([1.0, 3.0])], [torch.tensor([0.0, 1.0])], beta=0.0)
+    assert v[0].tolist() == [1.0, 4.0]  # the first update takes delta^2 whole
+    update_normalisers(v, [torch.tensor([3.0, 1.0])], [torch.tensor([0.0, 1.0])], beta=0.75)
+    assert v[0].tolist() == [0.75 * 1.0 + 0.25 * 9.0, 0.75 * 4.0]
+
+
+@pytest.mark.parametrize("method, expected", [("streaming", 0.468), ("cocodc", 0.368)])
+def test_cocodc_in_a_user_loop(method, expected):
+    # One region, H = 2, tau = 1: send after step 1 (weight 0.6, pseudo-gradient 0.4), apply after
+    # step 2 (weight 0.5). Outer Nesterov step: 1 - 0.7 * 1.9 * 0.4 = 0.468. Streaming takes it;
+    # cocodc with lambda 0 replays the -0.1 the region moved while the fragment was in flight.
+    module = scalar_module(1.0)
+    config = SyncConfig(method=method, sync_every=2, delay=1, dc_lambda=0.0, dc_adaptive=False)
+    outer = OuterSync([module], config, CommEngine(None))
+    for weight in (0.6, 0.5):
+        with torch.no_grad():
+            module.weight.fill_(weight)
+        outer.step()
+    assert module.weight.item() == pytest.approx(expected, abs=1e-6)
+    assert outer.global_params[0][0].item() == pytest.approx(0.468, abs=1e-6)

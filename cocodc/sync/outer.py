@@ -24,7 +24,7 @@ from cocodc.comm import CommEngine, Handle
 from cocodc.comm.codec import get_codec
 from cocodc.config import SyncConfig
 from cocodc.sync.fragments import Fragment, split_model, split_modules
-from cocodc.sync.merge import merge_alpha, pseudo_gradient
+from cocodc.sync.merge import merge_alpha, merge_compensated, pseudo_gradient, update_normalisers
 from cocodc.sync.schedule import RoundRobinSchedule, Slot
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 class _InFlight:
     slot: Slot
     handle: Handle
+    sent: list[torch.Tensor] | None = None  # the live fragment at the send (cocodc's theta_send)
 
 
 class OuterSync:
@@ -47,8 +48,8 @@ class OuterSync:
         group: dist.ProcessGroup | None = None,
         intra: CommEngine | None = None,
     ):
-        if config.method not in ("diloco", "streaming"):
-            raise ValueError(f"OuterSync runs diloco or streaming, not {config.method!r}")
+        if config.method not in ("diloco", "streaming", "cocodc"):
+            raise ValueError(f"OuterSync runs diloco, streaming or cocodc, not {config.method!r}")
         if isinstance(fragments, nn.Module):
             self.fragments: list[Fragment] = split_model(fragments, config.fragments, config.fragment_pattern)
         else:
@@ -63,6 +64,14 @@ class OuterSync:
             torch.optim.SGD(params, lr=config.outer_lr, momentum=config.outer_momentum, nesterov=config.outer_nesterov)
             for params in self.global_params
         ]
+        self.compensate = config.method == "cocodc"
+        # Per fragment: the running mean of delta^2 (adaptive compensation) and its update count.
+        self.normalisers = (
+            [[torch.zeros_like(p, dtype=torch.float32) for p in params] for params in self.global_params]
+            if self.compensate and config.dc_adaptive
+            else None
+        )
+        self.normaliser_updates = [0] * len(self.fragments)
         self.inner_step = 0
         self.outer_steps = 0
         self._in_flight: dict[int, _InFlight] = {}
@@ -92,7 +101,8 @@ class OuterSync:
             share = -(-payload.numel() // self.intra.size)
             payload = torch.nn.functional.pad(payload, (0, share * self.intra.size - payload.numel()))
             payload = payload[self.intra.rank * share : (self.intra.rank + 1) * share].clone()
-        self._in_flight[slot.fragment] = _InFlight(slot, self.comm.all_reduce_mean(payload, self.codec))
+        sent = [p.detach().clone() for p in self.fragments[slot.fragment].params] if self.compensate else None
+        self._in_flight[slot.fragment] = _InFlight(slot, self.comm.all_reduce_mean(payload, self.codec), sent)
 
     def _apply(self, pending: _InFlight) -> None:
         p = pending.slot.fragment
@@ -104,7 +114,7 @@ class OuterSync:
             param.grad = grad.view_as(param).to(param.dtype)
         self.optimizers[p].step()
         self.optimizers[p].zero_grad(set_to_none=True)
-        merge_alpha(self.fragments[p].params, params, self.config.alpha)
+        self._merge(p, pending.sent)
         self.outer_steps += 1
         handle = pending.handle
         self._records.append(
@@ -121,6 +131,18 @@ class OuterSync:
                 "blocked_s": handle.blocked_s,
             }
         )
+
+    def _merge(self, p: int, sent: list[torch.Tensor] | None) -> None:
+        live, config = self.fragments[p].params, self.config
+        if sent is None:
+            merge_alpha(live, self.global_params[p], config.alpha)
+            return
+        normalisers = None
+        if self.normalisers is not None:
+            normalisers = self.normalisers[p]
+            update_normalisers(normalisers, live, sent, config.dc_beta if self.normaliser_updates[p] else 0.0)
+            self.normaliser_updates[p] += 1
+        merge_compensated(live, self.global_params[p], sent, config.dc_lambda, config.alpha, normalisers)
 
     def pop_records(self) -> list[dict[str, Any]]:
         """Sync records since the last call (one per applied fragment)."""
@@ -149,9 +171,11 @@ class OuterSync:
             "global_params": [[t.clone() for t in params] for params in self.global_params],
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "in_flight": [
-                {"slot": pending.slot.index, "mean": pending.handle.wait().clone()}
+                {"slot": pending.slot.index, "mean": pending.handle.wait().clone(), "sent": pending.sent}
                 for pending in self._in_flight.values()
             ],
+            "normalisers": self.normalisers,
+            "normaliser_updates": list(self.normaliser_updates),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -166,4 +190,10 @@ class OuterSync:
         self._in_flight = {}
         for entry in state["in_flight"]:
             slot = self.schedule.slot(int(entry["slot"]))
-            self._in_flight[slot.fragment] = _InFlight(slot, Handle.completed(self.comm, entry["mean"]))
+            handle = Handle.completed(self.comm, entry["mean"])
+            self._in_flight[slot.fragment] = _InFlight(slot, handle, entry["sent"])
+        if self.normalisers is not None:
+            for mine, saved in zip(self.normalisers, state["normalisers"], strict=True):
+                for tensor, value in zip(mine, saved, strict=True):
+                    tensor.copy_(value)
+        self.normaliser_updates = list(state["normaliser_updates"])
