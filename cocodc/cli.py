@@ -6,7 +6,7 @@ With `wan.emulation: netem` it brings up an emulated WAN, runs one torchrun node
 the region's network namespace, and takes the network down afterwards. For several hosts, run
 torchrun yourself: `torchrun --nnodes ... -m cocodc.train -c X.yaml`.
 
-`cocodc netem up|down|status` manages an emulated WAN by hand.
+`cocodc netem up|down|status` manages an emulated WAN by hand; `cocodc report RUN...` plots runs.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def train_over_netem(config: Config, args: list[str]) -> int:
         # torchrun agents: an agent hosting it exits first and leaves the others' shutdown hanging.
         with netem.inside(netem.namespace(spec.name, 0)):
             store = TCPStore(netem.address(0), RENDEZVOUS_PORT, is_master=True, wait_for_workers=False)
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": netem.INTERFACE}
+        # c10d warns on every connection that the namespace cannot resolve its peer's hostname.
+        env = {"TORCH_CPP_LOG_LEVEL": "ERROR", **os.environ, "GLOO_SOCKET_IFNAME": netem.INTERFACE}
         if not config.train.threads:  # every region on this host: share its cores out
             threads = max(1, (os.cpu_count() or 1) // (regions * config.topology.ranks_per_region))
             args = [*args, "--set", f"train.threads={threads}"]
@@ -142,15 +143,26 @@ def netem_command(args: list[str]) -> int:
     return 0
 
 
+def report_command(args: list[str]) -> int:
+    from cocodc import report
+
+    try:
+        return report.main(args)
+    except report.ReportError as err:
+        print(f"cocodc: error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cocodc", description="Train language models across regions.")
     parser.add_argument("--version", action="version", version=f"cocodc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("train", help="train a model (see `cocodc train --help`)", add_help=False)
     commands.add_parser("netem", help="an emulated WAN on this host (see `cocodc netem --help`)", add_help=False)
+    commands.add_parser("report", help="plot eval loss of runs against steps and wall-clock", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     parser.parse_args(argv[:1])  # --help, --version, or a known command; argparse exits on anything else
-    return {"train": train_command, "netem": netem_command}[argv[0]](argv[1:])
+    return {"train": train_command, "netem": netem_command, "report": report_command}[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

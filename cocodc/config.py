@@ -73,6 +73,11 @@ class SyncConfig:
     dc_lambda: float = 0.5
     dc_adaptive: bool = True
     dc_beta: float = 0.99
+    # adaptive: each slot syncs the fragment with the largest drift (none unsynced > max_staleness
+    # steps; 0: 2 H) and, with adaptive_delay, picks its tau from the measured step and transfer times.
+    schedule: Literal["round_robin", "adaptive"] = "round_robin"
+    max_staleness: int = 0
+    adaptive_delay: bool = True
 
 
 @dataclass
@@ -323,6 +328,13 @@ def validate(config: Config) -> None:
         raise ConfigError("config keys 'train.beta1' and 'train.beta2' must lie in [0, 1)")
     if s.outer_nesterov and s.outer_momentum == 0:
         raise ConfigError("sync.outer_nesterov needs a positive sync.outer_momentum")
+    if s.schedule == "adaptive":
+        if s.method not in ("streaming", "cocodc"):
+            raise ConfigError(f"sync.schedule adaptive needs sync.method streaming or cocodc; got {s.method}")
+        if s.sync_every // max(s.fragments, 1) < 2:
+            raise ConfigError("sync.schedule adaptive needs slots of 2+ steps: sync.sync_every >= 2 x sync.fragments")
+    if s.max_staleness < 0:
+        raise ConfigError(f"config key 'sync.max_staleness' must not be negative; got {s.max_staleness}")
     if s.dc_lambda < 0:
         raise ConfigError(f"config key 'sync.dc_lambda' must not be negative; got {s.dc_lambda}")
     if not 0 <= s.dc_beta < 1:

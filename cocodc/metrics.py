@@ -114,11 +114,12 @@ class Metrics:
                 }
             )
 
-    def eval(self, step: int, loss: float, scope: str) -> None:
-        """scope: "global" (the outer parameters; written by rank 0) or "region" (live parameters)."""
+    def eval(self, step: int, loss: float, scope: str, wall_s: float) -> None:
+        """scope: "global" (the outer parameters; written by rank 0) or "region" (live parameters);
+        wall_s: the training loop's wall-clock so far."""
         if scope == "global" and not self.is_leader:
             return
-        record = {"kind": "eval", "step": step, "scope": scope, "loss": loss, "ppl": math.exp(loss)}
+        record = {"kind": "eval", "step": step, "scope": scope, "loss": loss, "ppl": math.exp(loss), "wall_s": wall_s}
         if scope == "region":
             record["region"] = self.region
         self._write(record)
@@ -130,13 +131,13 @@ class Metrics:
 
     def sync(self, records: list[dict[str, Any]]) -> None:
         for record in records:
-            self._write({**record, "step": record["apply_step"], "region": self.region})
-            if self.wandb is not None:
+            self._write({**record, "region": self.region})
+            if self.wandb is not None and record["kind"] == "sync":
                 self.wandb.log(
                     {
                         "outer_step": record["outer_step"],
-                        "inner_step": record["apply_step"],
-                        **{f"sync/{k}": v for k, v in record.items() if k not in ("kind", "outer_step")},
+                        "inner_step": record["step"],
+                        **{f"sync/{k}": v for k, v in record.items() if k not in ("kind", "outer_step", "step")},
                     }
                 )
 

@@ -225,12 +225,12 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
         began = time.perf_counter()
         with outer.global_parameters() if outer is not None else contextlib.nullcontext():
             loss = evaluate(model, data.eval_batches, topology.rank, topology.world_size, world, device, autocast)
-        metrics.eval(step, loss, "global")
+        metrics.eval(step, loss, "global", totals.wall_s)
         if config.eval.per_region and outer is not None:
             region_loss = evaluate(
                 model, data.eval_batches, topology.local_index, topology.ranks_per_region, intra, device, autocast
             )
-            metrics.eval(step, region_loss, "region")
+            metrics.eval(step, region_loss, "region", totals.wall_s)
         totals.eval_s += time.perf_counter() - began
         return loss
 

@@ -130,6 +130,9 @@ def _engine_worker(rank: int, store: str, results) -> None:
         x = _values(1000) * (1 - 2 * rank)
         handle = engine.all_reduce_mean(x, "e3m0")
         out["e3m0"] = handle.wait().abs().max().item(), handle.bytes_sent
+        # Odd-sized 4-bit codes with two values riding along in fp32: 1/3 is no power of two.
+        ride = torch.tensor([1.0, -1.0, 0.5, 1 / 3, 100.0 * (rank + 1)])
+        out["tail"] = engine.all_reduce_mean(ride, "e3m0", exact_tail=2).wait().tolist()
         out["gather"] = engine.all_gather(torch.full((2, 3), float(rank))).wait().tolist()
         out["broadcast"] = engine.broadcast(torch.full((3,), float(rank)), src=1).wait().tolist()
         if rank == 0:
@@ -162,6 +165,7 @@ def test_engine_operations_over_two_real_processes(tmp_path):
         assert out["e3m0"] == (0.0, 532)
         assert out["gather"] == [[[0.0] * 3] * 2, [[1.0] * 3] * 2]
         assert out["broadcast"] == [1.0, 1.0, 1.0]
+        assert out["tail"] == [1.0, -1.0, 0.5, pytest.approx(1 / 3, abs=1e-7), 150.0]
         done_at_once, modelled, elapsed, blocked, engine_blocked = out["link"]
         assert not done_at_once
         assert modelled == pytest.approx(0.4)

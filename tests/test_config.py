@@ -28,7 +28,7 @@ def test_defaults_and_file_and_overrides(tmp_path):
         ("train.steps=1.5", "config key 'train.steps' expects int; got 1.5"),
         ("train.steps=true", "config key 'train.steps' expects int; got True"),
         ("train.steps=0", "config key 'train.steps' must be at least 1; got 0"),
-        ("sync.method=gossip", "config key 'sync.method' must be one of ddp, diloco, streaming; got 'gossip'"),
+        ("sync.method=gossip", "config key 'sync.method' must be one of ddp, diloco, streaming, cocodc; got 'gossip'"),
         ("sync.fragments=2", "sync.method diloco syncs the whole model without overlap"),
         ("sync.sync_every=7", None),
         ("model.d_model=100", "model.d_model (100) must split into model.n_heads (4) heads of even size"),

@@ -14,7 +14,7 @@ from cocodc.model import Transformer
 from cocodc.sync import OuterSync
 from cocodc.sync.fragments import block_groups, split_model
 from cocodc.sync.merge import merge_alpha, merge_compensated, pseudo_gradient, update_normalisers
-from cocodc.sync.schedule import RoundRobinSchedule
+from cocodc.sync.schedule import AdaptiveSchedule, RoundRobinSchedule
 
 
 def timeline(schedule: RoundRobinSchedule, steps: int) -> list[tuple[int, str, int]]:
@@ -168,9 +168,16 @@ def _drift(model: nn.Module, step: int) -> None:
             p.add_(torch.full_like(p, 0.01 * ((step + i) % 5 - 2)))
 
 
-@pytest.mark.parametrize("method", ["streaming", "cocodc"])
-def test_state_dict_continues_exactly_with_fragments_in_flight(method):
-    config = SyncConfig(method=method, sync_every=4, fragments=2, delay=1, alpha=0.5)
+@pytest.mark.parametrize(
+    "config",
+    [
+        SyncConfig(method="streaming", sync_every=4, fragments=2, delay=1, alpha=0.5),
+        SyncConfig(method="cocodc", sync_every=4, fragments=2, delay=1, alpha=0.5),
+        SyncConfig(method="cocodc", sync_every=4, fragments=2, delay=1, schedule="adaptive", adaptive_delay=False),
+    ],
+    ids=["streaming", "cocodc", "cocodc-adaptive-schedule"],
+)
+def test_state_dict_continues_exactly_with_fragments_in_flight(config):
     reference = _streaming_model()
     outer = OuterSync(reference, config, CommEngine(None))
     for step in range(1, 13):
@@ -292,3 +299,34 @@ def test_cocodc_in_a_user_loop(method, expected):
         outer.step()
     assert module.weight.item() == pytest.approx(expected, abs=1e-6)
     assert outer.global_params[0][0].item() == pytest.approx(0.468, abs=1e-6)
+
+
+def test_adaptive_schedule_picks_the_largest_drift_and_respects_staleness():
+    # H = 12, P = 3: slots of K = 4 steps; staleness bound 8 steps.
+    schedule = AdaptiveSchedule(12, 3, delay=2, max_staleness=8)
+    first = schedule.decide(1, [0, 0, 0])
+    assert (first.reason, first.slot) == ("round-robin", first.slot.__class__(1, 0, 2, 4))
+    # Fragment 1 drifts most; tau covers 0.35 s of transfer at 0.1 s a step with a 1.25 margin: 5,
+    # clamped to K - 1 = 3.
+    chosen = schedule.decide(2, [4, 0, 0], drift=[0.1, 0.7, 0.2], step_s=0.1, transfer_s=0.35)
+    assert (chosen.reason, chosen.slot.fragment, chosen.slot.send_step, chosen.slot.apply_step) == ("drift", 1, 5, 8)
+    assert schedule.decide(3, [4, 8, 0], drift=[0.1, 0.7, 0.2], step_s=0.1, transfer_s=0.1).slot.send_step == 10
+    # Slot 4 starts at step 12: fragment 2, never applied, has waited 12 >= 8 steps and goes first,
+    # whatever the drift says; of two stale fragments the longer-waiting one goes.
+    stale = schedule.decide(4, [4, 8, 0], drift=[0.9, 0.7, 0.2])
+    assert (stale.reason, stale.slot.fragment) == ("stale", 2)
+    assert schedule.decide(5, [4, 8, 16], drift=[0.0, 0.7, 0.2]).slot.fragment == 0
+    # Equal drift: the fragment applied longest ago.
+    assert schedule.decide(6, [20, 8, 16], drift=[0.5, 0.5, 0.5]).slot.fragment == 1
+
+
+def test_adaptive_schedule_timeline_and_bounds():
+    schedule = AdaptiveSchedule(8, 2, delay=0)  # tau at least 1, at most K - 1 = 3
+    slot = schedule.decide(1, [0, 0]).slot
+    assert (slot.send_step, slot.apply_step) == (3, 4)
+    assert schedule.send_at(3) == slot and schedule.apply_at(4) == slot and schedule.send_at(4) is None
+    assert schedule.decide(2, [4, 0], drift=[1.0, 0.0], step_s=1.0, transfer_s=100.0).slot.send_step == 5
+    assert schedule.decide(3, [4, 8], drift=[1.0, 0.0], step_s=1.0, transfer_s=0.01).slot.send_step == 11
+    assert set(schedule.planned) == {3}  # slots 1 and 2 were applied (steps 4, 8) before slot 3 began
+    with pytest.raises(ValueError, match="slots of 2\\+ steps"):
+        AdaptiveSchedule(4, 4, delay=1)

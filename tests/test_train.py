@@ -142,7 +142,9 @@ def test_bad_resumes_and_reused_run_dirs_are_refused(full_run, tmp_path):
 
 
 def test_ddp_baseline_all_reduces_every_step(tmp_path):
-    run = train(tmp_path, "ddp", "sync.method=ddp", "train.steps=6", "eval.every=0", "checkpoint.every=0")
+    # Behind a 5 ms link model: every bucket's all-reduce completes no earlier than the link allows.
+    run = train(tmp_path, "ddp", "sync.method=ddp", "train.steps=6", "eval.every=0", "checkpoint.every=0",
+                "wan.latency_ms=5")  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "ddp"
     assert summary["bytes_sent"] == 6 * 4 * param_count()  # every gradient, every step
@@ -172,3 +174,36 @@ def test_two_ranks_per_region(tmp_path):
     assert summary["bytes_sent"] == 2 * 2 * 4 * half
     syncs = [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "sync"]
     assert {r["bytes_sent"] for r in syncs} == {4 * half}
+
+
+def test_cocodc_adaptive_schedule_decides_alike_in_three_regions(tmp_path):
+    # Three regions behind a jittery link model (timings differ on every rank), 4-bit payloads,
+    # adaptive fragment choice and tau: every region must log the same decisions, or the
+    # collectives would deadlock; every slot's sync is applied where it was planned.
+    run = train(
+        tmp_path,
+        "adaptive",
+        "topology.regions=3",
+        "sync.method=cocodc",
+        "sync.schedule=adaptive",
+        "sync.fragments=2",
+        "sync.quantize=e3m0",
+        "wan.latency_ms=20",
+        "wan.jitter_ms=15",
+        "wan.bandwidth_mbps=20",
+        "eval.every=0",
+        "checkpoint.every=0",
+    )
+    records = read_records(run / "metrics.jsonl")
+    keys = ("slot", "fragment", "reason", "send_step", "apply_step", "tau", "drift", "step_s", "transfer_s")
+    decisions = {m: [tuple(str(r[k]) for k in keys) for r in records if r["kind"] == "decision" and r["region"] == m]
+                 for m in range(3)}  # fmt: skip
+    assert len(decisions[0]) == 24 // 4 and decisions[0] == decisions[1] == decisions[2]
+    plans = [r for r in records if r["kind"] == "decision" and r["region"] == 0]
+    assert plans[0]["reason"] == "round-robin" and {p["reason"] for p in plans[1:]} <= {"drift", "stale"}
+    assert all(1 <= p["tau"] <= 3 for p in plans)
+    applied = sorted((r["fragment"], r["send_step"], r["apply_step"]) for r in records
+                     if r["kind"] == "sync" and r["region"] == 0)  # fmt: skip
+    assert applied == sorted((p["fragment"], p["send_step"], p["apply_step"]) for p in plans)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "cocodc" and summary["final_eval_loss"] < summary["initial_eval_loss"]

@@ -131,12 +131,13 @@ class CommEngine:
         modelled = modelled_s(self.link) if self.link is not None else 0.0
         return Handle(self, works, finish, sent=sent, received=received, modelled_s=modelled)
 
-    def all_reduce_mean(self, tensor: torch.Tensor, codec: Codec | str = "fp32") -> Handle:
+    def all_reduce_mean(self, tensor: torch.Tensor, codec: Codec | str = "fp32", exact_tail: int = 0) -> Handle:
         """The mean of a flat fp32 `tensor` over the group; `wait()` returns it.
 
         fp32 reduces in place with one all-reduce. Any other codec gathers every rank's encoded
         payload, then decodes and sums them in rank order in fp32, so every rank holds the same
-        mean and only the outgoing values were quantized.
+        mean and only the outgoing values were quantized. The last `exact_tail` values travel in
+        fp32 whatever the codec (a few numbers riding along with a payload).
         """
         codec = get_codec(codec) if isinstance(codec, str) else codec
         if self.size == 1:
@@ -146,14 +147,21 @@ class CommEngine:
             wire = 2 * (self.size - 1) * nbytes // self.size
             work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
             return self._start([work], lambda _: tensor.div_(self.size), wire, wire, lambda m: m.all_reduce_s(nbytes))
-        payload = codec.encode(tensor)
+        body = tensor.numel() - exact_tail
+        encoded = codec.encode(tensor[:body])
+        # Pad the codes to whole fp32 words so every gathered row (and its fp32 parts) stays aligned.
+        aligned = encoded.numel() + -encoded.numel() % 4
+        payload = torch.cat(
+            [torch.nn.functional.pad(encoded, (0, aligned - encoded.numel())), tensor[body:].view(torch.uint8)]
+        )
         gathered = torch.empty(self.size, payload.numel(), dtype=torch.uint8, device=payload.device)
         work = dist.all_gather_single(gathered.view(-1), payload, group=self.group, async_op=True)
 
         def mean(_: Handle) -> torch.Tensor:
             total = torch.zeros(tensor.numel(), dtype=torch.float32, device=tensor.device)
             for row in gathered:
-                total += codec.decode(row, tensor.numel())
+                total[:body] += codec.decode(row[: encoded.numel()], body)
+                total[body:] += row[aligned:].view(torch.float32)
             return total.div_(self.size)
 
         wire = (self.size - 1) * payload.numel()

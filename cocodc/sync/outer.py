@@ -1,4 +1,4 @@
-"""OuterSync: the outer loop of DiLoCo and Streaming DiLoCo, for any training loop.
+"""OuterSync: the outer loop of DiLoCo, Streaming DiLoCo and CoCoDC, for any training loop.
 
 Call `step()` after every inner optimizer step and `finish()` after the last. The schedule says
 which fragment to send or apply after which step; the pseudo-gradients travel through the comm
@@ -8,10 +8,16 @@ fragment) runs on their mean.
 With several ranks per region (an `intra` engine over the region's ranks, which hold identical
 parameters), each rank carries only its 1/R share of a fragment over the WAN, and the region
 re-assembles the mean over its fast link when the fragment is applied.
+
+With the adaptive schedule, every fragment collective carries P + 2 more numbers in fp32: this
+region's drift of every fragment, its inner-step time and its last measured transfer time. Their
+mean over regions reaches every rank with the fragment, so all ranks decide the next slots from
+the same numbers without a round trip of their own.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +31,7 @@ from cocodc.comm.codec import get_codec
 from cocodc.config import SyncConfig
 from cocodc.sync.fragments import Fragment, split_model, split_modules
 from cocodc.sync.merge import merge_alpha, merge_compensated, pseudo_gradient, update_normalisers
-from cocodc.sync.schedule import RoundRobinSchedule, Slot
+from cocodc.sync.schedule import AdaptiveSchedule, RoundRobinSchedule, Slot
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -36,6 +42,7 @@ class _InFlight:
     slot: Slot
     handle: Handle
     sent: list[torch.Tensor] | None = None  # the live fragment at the send (cocodc's theta_send)
+    done_s: float | None = None  # when the transfer was first seen complete, after its start
 
 
 class OuterSync:
@@ -58,7 +65,20 @@ class OuterSync:
         self.comm = comm if comm is not None else CommEngine(group)
         self.intra = intra
         self.codec = get_codec(config.quantize)
-        self.schedule = RoundRobinSchedule(config.sync_every, len(self.fragments), config.delay)
+        count = len(self.fragments)
+        self.adaptive = config.schedule == "adaptive"
+        self.schedule: RoundRobinSchedule | AdaptiveSchedule = (
+            AdaptiveSchedule(config.sync_every, count, config.delay, config.max_staleness)
+            if self.adaptive
+            else RoundRobinSchedule(config.sync_every, count, config.delay)
+        )
+        self.last_applied = [0] * count  # the inner step each fragment was last applied at
+        # Adaptive schedule: the numbers that rode along in the last applied collective (drift of
+        # every fragment, step time, transfer time; means over regions), and this region's own.
+        self.shared: list[float] | None = None
+        self.step_s = 0.0
+        self.transfer_s = 0.0
+        self._step_ended: float | None = None
         self.global_params = [[p.detach().clone() for p in f.params] for f in self.fragments]
         self.optimizers = [
             torch.optim.SGD(params, lr=config.outer_lr, momentum=config.outer_momentum, nesterov=config.outer_nesterov)
@@ -80,12 +100,59 @@ class OuterSync:
     def step(self) -> None:
         """Account for one inner step just taken; send and apply what the schedule says."""
         self.inner_step += 1
+        if self.adaptive:
+            self._observe()
+            if (self.inner_step - 1) % self.schedule.slot_len == 0:
+                self._decide((self.inner_step - 1) // self.schedule.slot_len + 1)
         send = self.schedule.send_at(self.inner_step)
         if send is not None:
             self._send(send)
         apply = self.schedule.apply_at(self.inner_step)
         if apply is not None:
             self._apply(self._in_flight.pop(apply.fragment))
+        if self.adaptive:
+            self._step_ended = time.perf_counter()
+
+    def _observe(self) -> None:
+        """The inner step's time (outside this object) and the transfers that completed."""
+        now = time.perf_counter()
+        if self._step_ended is not None:
+            interval = now - self._step_ended
+            self.step_s = interval if not self.step_s else 0.9 * self.step_s + 0.1 * interval
+        for pending in self._in_flight.values():
+            if pending.done_s is None and pending.handle.is_done():
+                pending.done_s = now - pending.handle.started_at
+
+    def _decide(self, index: int) -> None:
+        count, shared = len(self.fragments), self.shared
+        drift = shared[:count] if shared is not None else None
+        step_s, transfer_s = shared[count:] if shared is not None and self.config.adaptive_delay else (0.0, 0.0)
+        decision = self.schedule.decide(index, self.last_applied, drift, step_s, transfer_s)
+        slot = decision.slot
+        self._records.append(
+            {
+                "kind": "decision",
+                "step": self.inner_step,
+                "slot": index,
+                "fragment": slot.fragment,
+                "reason": decision.reason,
+                "send_step": slot.send_step,
+                "apply_step": slot.apply_step,
+                "tau": slot.apply_step - slot.send_step,
+                "drift": list(decision.drift),
+                "step_s": step_s,
+                "transfer_s": transfer_s,
+            }
+        )
+
+    def _telemetry(self) -> torch.Tensor:
+        """This region's numbers for the adaptive schedule: drift of every fragment, step and
+        transfer time."""
+        drift = [
+            sum(float((g - m.detach()).float().square().sum()) for g, m in zip(params, f.params, strict=True)) / f.numel
+            for params, f in zip(self.global_params, self.fragments, strict=True)
+        ]
+        return torch.tensor([*drift, self.step_s, self.transfer_s], dtype=torch.float32)
 
     def finish(self) -> None:
         """Apply every fragment still in flight, in slot order."""
@@ -101,25 +168,39 @@ class OuterSync:
             share = -(-payload.numel() // self.intra.size)
             payload = torch.nn.functional.pad(payload, (0, share * self.intra.size - payload.numel()))
             payload = payload[self.intra.rank * share : (self.intra.rank + 1) * share].clone()
+        tail = 0
+        if self.adaptive:
+            extras = self._telemetry()
+            payload, tail = torch.cat([payload, extras]), extras.numel()
         sent = [p.detach().clone() for p in self.fragments[slot.fragment].params] if self.compensate else None
-        self._in_flight[slot.fragment] = _InFlight(slot, self.comm.all_reduce_mean(payload, self.codec), sent)
+        handle = self.comm.all_reduce_mean(payload, self.codec, exact_tail=tail)
+        self._in_flight[slot.fragment] = _InFlight(slot, handle, sent)
 
     def _apply(self, pending: _InFlight) -> None:
         p = pending.slot.fragment
         mean = pending.handle.wait()
         params = self.global_params[p]
+        rows = mean.view(1, -1)
         if self.intra is not None and self.intra.size > 1:
-            mean = self.intra.all_gather(mean).wait().view(-1)[: sum(t.numel() for t in params)]
+            rows = self.intra.all_gather(mean).wait()
+        width = rows.shape[1] - (len(self.fragments) + 2 if self.adaptive else 0)
+        mean = rows[:, :width].reshape(-1)[: sum(t.numel() for t in params)]
+        if self.adaptive:
+            self.shared = rows[:, width:].mean(dim=0).tolist()
+            done_s = pending.done_s if pending.done_s is not None else pending.handle.elapsed_s
+            self.transfer_s = done_s
         for param, grad in zip(params, mean.split([t.numel() for t in params]), strict=True):
             param.grad = grad.view_as(param).to(param.dtype)
         self.optimizers[p].step()
         self.optimizers[p].zero_grad(set_to_none=True)
         self._merge(p, pending.sent)
+        self.last_applied[p] = self.inner_step
         self.outer_steps += 1
         handle = pending.handle
         self._records.append(
             {
                 "kind": "sync",
+                "step": self.inner_step,
                 "outer_step": self.outer_steps,
                 "fragment": p,
                 "send_step": pending.slot.send_step,
@@ -145,7 +226,8 @@ class OuterSync:
         merge_compensated(live, self.global_params[p], sent, config.dc_lambda, config.alpha, normalisers)
 
     def pop_records(self) -> list[dict[str, Any]]:
-        """Sync records since the last call (one per applied fragment)."""
+        """Records since the last call: one `sync` per applied fragment, one `decision` per slot
+        the adaptive schedule planned."""
         records, self._records = self._records, []
         return records
 
@@ -176,6 +258,11 @@ class OuterSync:
             ],
             "normalisers": self.normalisers,
             "normaliser_updates": list(self.normaliser_updates),
+            "last_applied": list(self.last_applied),
+            "schedule": self.schedule.state_dict() if self.adaptive else None,
+            "shared": self.shared,
+            "step_s": self.step_s,
+            "transfer_s": self.transfer_s,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -187,6 +274,10 @@ class OuterSync:
                     param.copy_(value)
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(saved)
+        self.last_applied = list(state["last_applied"])
+        if self.adaptive:
+            self.schedule.load_state_dict(state["schedule"])
+        self.shared, self.step_s, self.transfer_s = state["shared"], state["step_s"], state["transfer_s"]
         self._in_flight = {}
         for entry in state["in_flight"]:
             slot = self.schedule.slot(int(entry["slot"]))

@@ -7,6 +7,8 @@ before step 1 is skipped.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -41,3 +43,76 @@ class RoundRobinSchedule:
             return None
         slot = self.slot(index)
         return slot if slot.send_step >= 1 else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    slot: Slot
+    reason: str  # "round-robin" (no numbers yet), "drift" or "stale"
+    drift: tuple[float, ...]
+
+
+class AdaptiveSchedule:
+    """CoCoDC's adaptive transmission on the slot grid of RoundRobinSchedule.
+
+    Slot j's fragment and overlap are decided when slot j begins (after inner step (j-1)K + 1),
+    from numbers every rank holds identically: when each fragment was last applied, and the
+    region-averaged drift of every fragment, step time and transfer time that rode along in the
+    last applied fragment collective. The slot syncs the fragment with the largest drift, unless
+    some fragment has gone `max_staleness` steps unsynced (the longest-unsynced one goes first);
+    its tau is the smallest number of steps that covers the transfer (with a margin), within
+    [1, K - 1], so the send falls inside the slot and at most one fragment is in flight. Until
+    numbers arrive, slots go round-robin with tau = `delay`.
+    """
+
+    def __init__(self, sync_every: int, fragments: int, delay: int, max_staleness: int = 0, margin: float = 1.25):
+        if sync_every % fragments or sync_every // fragments < 2:
+            raise ValueError(f"the adaptive schedule needs slots of 2+ steps: sync_every ({sync_every}) / "
+                             f"fragments ({fragments}) must be an integer of at least 2")  # fmt: skip
+        self.fragments = fragments
+        self.slot_len = sync_every // fragments
+        self.delay = min(max(delay, 1), self.slot_len - 1)
+        self.max_staleness = max_staleness or 2 * sync_every
+        self.margin = margin
+        self.planned: dict[int, Slot] = {}
+
+    def decide(
+        self,
+        index: int,
+        last_applied: Sequence[int],
+        drift: Sequence[float] | None = None,
+        step_s: float = 0.0,
+        transfer_s: float = 0.0,
+    ) -> Decision:
+        """Plan slot `index` (`drift` None: no numbers have arrived yet)."""
+        start = (index - 1) * self.slot_len
+        self.planned = {i: s for i, s in self.planned.items() if s.apply_step > start}
+        stale = [p for p in range(self.fragments) if start - last_applied[p] >= self.max_staleness]
+        if stale:
+            fragment, reason = min(stale, key=lambda p: (last_applied[p], p)), "stale"
+        elif drift is not None:
+            fragment = max(range(self.fragments), key=lambda p: (drift[p], -last_applied[p], -p))
+            reason = "drift"
+        else:
+            fragment, reason = (index - 1) % self.fragments, "round-robin"
+        delay = self.delay
+        if step_s > 0 and transfer_s > 0:
+            delay = min(max(math.ceil(self.margin * transfer_s / step_s), 1), self.slot_len - 1)
+        slot = Slot(index, fragment, start + self.slot_len - delay, start + self.slot_len)
+        self.planned[index] = slot
+        return Decision(slot, reason, tuple(drift) if drift is not None else ())
+
+    def slot(self, index: int) -> Slot:
+        return self.planned[index]
+
+    def send_at(self, step: int) -> Slot | None:
+        return next((s for s in self.planned.values() if s.send_step == step), None)
+
+    def apply_at(self, step: int) -> Slot | None:
+        return next((s for s in self.planned.values() if s.apply_step == step), None)
+
+    def state_dict(self) -> dict:
+        return {"planned": [vars(s) for s in self.planned.values()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.planned = {s["index"]: Slot(**s) for s in state["planned"]}

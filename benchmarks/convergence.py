@@ -1,0 +1,198 @@
+"""Convergence under overlap: how many inner steps each method needs to reach Streaming DiLoCo's
+final eval loss, over overlaps, seeds and data splits (DESIGN section 6).
+
+    python benchmarks/convergence.py [-c configs/convergence.yaml] [--taus 1 5 10 20] [--seeds 0 1 2]
+        [--splits iid non_iid] [--methods ...] [--out benchmarks/results/convergence]
+
+Every cell is a real training run of the config (gloo, one process per region). The cells run
+inside one torchrun job per data split, one after another, so the processes start once; a cell
+whose run directory already holds a summary for the same config is not run again, so an
+interrupted sweep continues where it stopped. Then, per split, tau and seed, the target is the
+final eval loss of the better Streaming DiLoCo variant (alpha 0 or 0.5, by median over seeds);
+steps-to-target is the first eval step at or below it, and the reduction is
+1 - steps_method / steps_streaming. Writes convergence.md (medians and spreads over seeds),
+convergence.csv (every cell) and one plot per split and tau (eval loss against steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+# Name -> overrides. Methods without overlap run once per seed and split, not once per tau.
+METHODS: dict[str, list[str]] = {
+    "ddp": ["sync.method=ddp"],
+    "diloco": ["sync.method=diloco", "sync.fragments=1"],
+    "streaming a=0": ["sync.method=streaming", "sync.alpha=0.0"],
+    "streaming a=0.5": ["sync.method=streaming", "sync.alpha=0.5"],
+    # CoCoDC's named ablations: pure replay (lambda 0) mixed with the live parameters, and the
+    # compensated merge (the config's lambda, adaptive or not) without and with the mix.
+    "replay a=0.5": ["sync.method=cocodc", "sync.dc_lambda=0", "sync.alpha=0.5"],
+    "cocodc a=0": ["sync.method=cocodc", "sync.alpha=0.0"],
+    "cocodc a=0.5": ["sync.method=cocodc", "sync.alpha=0.5"],
+}
+NO_OVERLAP = {"ddp", "diloco"}
+STREAMING = ("streaming a=0", "streaming a=0.5")
+
+
+def cells(args: argparse.Namespace, split: str) -> list[dict]:
+    plan = []
+    for seed in args.seeds:
+        for method in args.methods:
+            for tau in [0] if method in NO_OVERLAP else args.taus:
+                name = f"{split}-seed{seed}-{method.replace(' ', '').replace('=', '')}-tau{tau}"
+                settings = [*METHODS[method], f"seed={seed}", f"data.split={split}", f"sync.delay={tau}", *args.set]
+                plan.append({"name": name, "method": method, "tau": tau, "seed": seed, "split": split, "set": settings})
+    return plan
+
+
+def worker(plan_file: str) -> None:
+    """Under torchrun: run every cell of the plan in this process group, skipping finished ones."""
+    import yaml
+
+    from cocodc import train
+    from cocodc.config import load_config
+    from cocodc.topology import shutdown
+
+    plan = json.loads(Path(plan_file).read_text())
+    try:
+        for cell in plan["cells"]:
+            config = load_config(plan["config"], [*cell["set"], f"run.dir={plan['runs']}", f"run.name={cell['name']}"])
+            run_dir = config.run_dir
+            done = (run_dir / "summary.json").is_file() and yaml.safe_load(
+                (run_dir / "config.yaml").read_text()
+            ) == yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            if not done:
+                train.run(config, overwrite=True)
+    finally:
+        shutdown()
+
+
+def run_split(args: argparse.Namespace, split: str, plan: list[dict]) -> None:
+    from cocodc.config import load_config
+
+    regions = load_config(args.config, args.set).topology.regions
+    plan_file = args.out / f"plan-{split}.json"
+    plan_file.write_text(json.dumps({"config": args.config, "runs": str(args.out / "runs"), "cells": plan}))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // regions))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={regions}",
+               __file__, "--worker", str(plan_file)]  # fmt: skip
+    if subprocess.run(command, env=env).returncode:
+        sys.exit(f"convergence: the {split} sweep failed")
+
+
+def curve(run: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return sorted((r["step"], r["loss"]) for r in records if r["kind"] == "eval" and r["scope"] == "global")
+
+
+def steps_to(points: list[tuple[int, float]], target: float) -> int | None:
+    return next((step for step, loss in points if loss <= target), None)
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.3g}..{max(values):.3g}" if len(values) > 1 else "-"
+
+
+def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
+    """One row per cell with its final loss, target, steps to target and reduction."""
+    for cell in plan:
+        cell["curve"] = curve(args.out / "runs" / cell["name"])
+        cell["final"] = cell["curve"][-1][1]
+    rows = []
+    for cell in plan:
+        for tau in args.taus if cell["method"] in NO_OVERLAP else [cell["tau"]]:
+            group = [c for c in plan if c["split"] == cell["split"] and c["tau"] == tau]
+            best = min(STREAMING, key=lambda m: statistics.median(c["final"] for c in group if c["method"] == m))
+            reference = next(c for c in group if c["method"] == best and c["seed"] == cell["seed"])
+            target = reference["final"]
+            steps, base = steps_to(cell["curve"], target), steps_to(reference["curve"], target)
+            rows.append({
+                "split": cell["split"], "tau": tau, "method": cell["method"], "seed": cell["seed"],
+                "final_eval_loss": round(cell["final"], 4), "target": round(target, 4), "reference": best,
+                "steps_to_target": steps, "reference_steps": base,
+                "reduction": None if steps is None else round(1 - steps / base, 4),
+            })  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    header = ["split", "tau", "method", "final eval loss (median, range)", "steps to target (median)",
+              "reduction (median, range)", "reached"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for split in args.splits:
+        for tau in args.taus:
+            for method in args.methods:
+                group = [r for r in rows if (r["split"], r["tau"], r["method"]) == (split, tau, method)]
+                if not group:
+                    continue
+                finals = [r["final_eval_loss"] for r in group]
+                reached = [r for r in group if r["steps_to_target"] is not None]
+                reductions = [r["reduction"] for r in reached]
+                steps = statistics.median(r["steps_to_target"] for r in reached) if reached else "-"
+                reduction = f"{statistics.median(reductions):+.1%} ({spread(reductions)})" if reductions else "-"
+                lines.append(
+                    f"| {split} | {tau} | {method} | {statistics.median(finals):.4f} ({spread(finals)}) | {steps} | "
+                    f"{reduction} | {len(reached)}/{len(group)} |"
+                )
+    return "\n".join(lines)
+
+
+def plots(args: argparse.Namespace, plan: list[dict]) -> None:
+    from cocodc.report import load_curve, plot_curves
+
+    for split in args.splits:
+        for tau in args.taus:
+            chosen = [c for c in plan if c["split"] == split and c["seed"] == args.seeds[0]
+                      and (c["tau"] == tau or c["method"] in NO_OVERLAP)]  # fmt: skip
+            curves = [load_curve(args.out / "runs" / c["name"]) for c in chosen]
+            for c, cell in zip(curves, chosen, strict=True):
+                c["label"] = cell["method"]
+            plot_curves(
+                curves, args.out / f"convergence-{split}-tau{tau}.png", f"{split}, tau = {tau}, seed {args.seeds[0]}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("-c", "--config", default="configs/convergence.yaml")
+    parser.add_argument("--taus", type=int, nargs="+", default=[1, 5, 10, 20])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--splits", nargs="+", choices=["iid", "non_iid"], default=["iid", "non_iid"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every cell")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence"))
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return
+    missing = [m for m in STREAMING if m not in args.methods]
+    if missing:
+        parser.error(f"the targets come from {', '.join(STREAMING)}: keep them in --methods")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan = []
+    for split in args.splits:
+        split_plan = cells(args, split)
+        run_split(args, split, split_plan)
+        plan += split_plan
+    rows = analyse(args, plan)
+    text = table(rows, args)
+    print(text)
+    (args.out / "convergence.md").write_text(text + "\n")
+    with open(args.out / "convergence.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plots(args, plan)
+    print(f"wrote {args.out}/convergence.md, convergence.csv and convergence-*.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

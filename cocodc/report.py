@@ -1,0 +1,99 @@
+"""`cocodc report RUN...`: eval loss of the global model against inner steps and wall-clock, for
+any runs, as one PNG, and a table of where each run ended."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from cocodc.metrics import read_records
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported on; the message is shown to the user as is."""
+
+
+def load_curve(run: Path) -> dict:
+    """A run's label, config and global eval curve: steps, losses, wall-clock seconds."""
+    metrics, config_file = run / "metrics.jsonl", run / "config.yaml"
+    if not metrics.is_file() or not config_file.is_file():
+        raise ReportError(f"{run} is not a run directory (no metrics.jsonl and config.yaml)")
+    config = yaml.safe_load(config_file.read_text())
+    evals = sorted(
+        (r for r in read_records(metrics) if r["kind"] == "eval" and r["scope"] == "global"), key=lambda r: r["step"]
+    )
+    if not evals:
+        raise ReportError(f"{run} has no eval records yet")
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    return {
+        "run": run.name,
+        "label": label(config),
+        "steps": [r["step"] for r in evals],
+        "loss": [r["loss"] for r in evals],
+        "wall_s": [r.get("wall_s", float("nan")) for r in evals],
+        "summary": summary,
+    }
+
+
+def label(config: dict) -> str:
+    sync = config["sync"]
+    method = sync["method"]
+    if method in ("ddp", "diloco"):
+        return method
+    parts = [method, f"P={sync['fragments']}", f"tau={sync['delay']}", f"alpha={sync['alpha']:g}"]
+    if method == "cocodc":
+        parts.append(f"lambda={sync['dc_lambda']:g}{' adaptive' if sync['dc_adaptive'] else ''}")
+    if sync.get("schedule") == "adaptive":
+        parts.append("adaptive schedule")
+    if sync.get("quantize", "fp32") != "fp32":
+        parts.append(sync["quantize"])
+    return " ".join(parts)
+
+
+def plot_curves(curves: Sequence[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for curve in curves:
+        name = (
+            curve["label"] if len({c["label"] for c in curves}) == len(curves) else f"{curve['run']}: {curve['label']}"
+        )
+        line = by_step.plot(curve["steps"], curve["loss"], marker=".", label=name)[0]
+        by_time.plot(curve["wall_s"], curve["loss"], marker=".", color=line.get_color())
+    by_step.set_xlabel("inner step")
+    by_step.set_ylabel("eval loss (global model)")
+    by_time.set_xlabel("wall-clock (s)")
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cocodc report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<name>)")
+    parser.add_argument(
+        "-o", "--out", type=Path, default=None, help="the PNG (default: report.png in the run, or here)"
+    )
+    options = parser.parse_args(argv)
+    curves = [load_curve(run) for run in options.runs]
+    out = options.out or (options.runs[0] / "report.png" if len(options.runs) == 1 else Path("report.png"))
+    plot_curves(curves, out)
+    width = max(len(c["run"]) for c in curves)
+    print(f"{'run':<{width}}  {'final loss':>10}  {'steps':>6}  {'wall s':>7}  config")
+    for c in curves:
+        print(
+            f"{c['run']:<{width}}  {c['loss'][-1]:>10.4f}  {c['steps'][-1]:>6}  {c['wall_s'][-1]:>7.1f}  {c['label']}"
+        )
+    print(f"wrote {out}")
+    return 0
