@@ -1,9 +1,12 @@
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -26,6 +29,16 @@ def cocodc(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedP
     return subprocess.run(
         [sys.executable, "-m", "cocodc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@contextmanager
+def gloo_group(rank: int, store: str, world_size: int = 2) -> Iterator[None]:
+    """This spawned process's membership of a real gloo group, rendezvous through a file."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def overrides(*pairs: str) -> list[str]:

@@ -12,6 +12,8 @@ from cocodc.comm import CommEngine
 from cocodc.comm.codec import BLOCK, CODECS, get_codec
 from cocodc.comm.wan import LinkModel
 
+from conftest import gloo_group
+
 
 def _values(numel: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
@@ -117,8 +119,7 @@ def test_link_model_jitter_stays_within_bounds_and_for_ranks_expands_regions():
 
 
 def _engine_worker(rank: int, store: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, store):
         engine = CommEngine(dist.group.WORLD)
         out = {}
         # fp32 mean, in place; a ring moves 2 (n-1)/n of 4 floats each way.
@@ -150,8 +151,6 @@ def _engine_worker(rank: int, store: str, results) -> None:
         handle.wait()
         out["link"] = done_at_once, handle.modelled_s, handle.elapsed_s, time.perf_counter() - began, slow.blocked_s
         results[rank] = out
-    finally:
-        dist.destroy_process_group()
 
 
 def test_engine_operations_over_two_real_processes(tmp_path):

@@ -16,6 +16,8 @@ from cocodc.sync.fragments import block_groups, split_model
 from cocodc.sync.merge import merge_alpha, merge_compensated, pseudo_gradient, update_normalisers
 from cocodc.sync.schedule import AdaptiveSchedule, RoundRobinSchedule
 
+from conftest import gloo_group
+
 
 def timeline(schedule: RoundRobinSchedule, steps: int) -> list[tuple[int, str, int]]:
     events = []
@@ -132,8 +134,7 @@ def test_nesterov_outer_steps_by_hand():
 
 
 def _two_region_worker(rank: int, store: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, store):
         module = scalar_module(1.0)
         outer = OuterSync(module, SyncConfig(method="diloco", sync_every=1), group=dist.group.WORLD)
         with torch.no_grad():
@@ -141,8 +142,6 @@ def _two_region_worker(rank: int, store: str, results) -> None:
         outer.step()
         record = outer.pop_records()[0]
         results[rank] = (module.weight.item(), record["bytes_sent"])
-    finally:
-        dist.destroy_process_group()
 
 
 def test_pseudo_gradients_are_averaged_over_regions(tmp_path):
@@ -217,8 +216,7 @@ def test_global_parameters_swap_restores_live():
 def _overlap_worker(rank: int, store: str, results) -> None:
     from cocodc.comm.wan import LinkModel
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, store):
         for name, config in {
             "diloco": SyncConfig(method="diloco", sync_every=8),
             "streaming": SyncConfig(method="streaming", sync_every=8, fragments=2, delay=3),
@@ -238,8 +236,6 @@ def _overlap_worker(rank: int, store: str, results) -> None:
                 sum(r["modelled_s"] for r in records),
                 engine.blocked_s,
             )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_streaming_overlap_hides_the_link_that_diloco_waits_for(tmp_path):
