@@ -67,6 +67,10 @@ def plot_curves(curves: Sequence[dict], path: Path, title: str = "") -> None:
         )
         line = by_step.plot(curve["steps"], curve["loss"], marker=".", label=name)[0]
         by_time.plot(curve["wall_s"], curve["loss"], marker=".", color=line.get_color())
+    # The runs part in the tail: show it, not the first steps' fall.
+    top = max(c["loss"][len(c["loss"]) // 5] for c in curves)
+    bottom = min(min(c["loss"]) for c in curves)
+    by_step.set_ylim(bottom - 0.05 * (top - bottom), top)
     by_step.set_xlabel("inner step")
     by_step.set_ylabel("eval loss (global model)")
     by_time.set_xlabel("wall-clock (s)")

@@ -141,6 +141,16 @@ def test_bad_resumes_and_reused_run_dirs_are_refused(full_run, tmp_path):
     assert "LATEST is corrupt" in attempt("--resume")
 
 
+def test_report_plots_runs(full_run, tmp_path):
+    result = cocodc("report", str(full_run), "-o", str(tmp_path / "report.png"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    final = json.loads((full_run / "summary.json").read_text())["final_eval_loss"]
+    assert f"full  {final:>10.4f}      24" in result.stdout and "diloco" in result.stdout
+    missing = cocodc("report", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert missing.returncode == 2 and "is not a run directory" in missing.stderr and missing.stderr.count("\n") == 1
+
+
 def test_ddp_baseline_all_reduces_every_step(tmp_path):
     # Behind a 5 ms link model: every bucket's all-reduce completes no earlier than the link allows.
     run = train(tmp_path, "ddp", "sync.method=ddp", "train.steps=6", "eval.every=0", "checkpoint.every=0",
