@@ -79,13 +79,16 @@ class Handle:
             for work in self._works:
                 work.wait()
             self._result = self._finish(self)
-            remaining = self.ready_at - time.perf_counter()
-            if remaining > 0:
-                time.sleep(remaining)
-            self.finished_at = time.perf_counter()
+            self._finish_no_earlier_than_the_link()
             self.blocked_s = self.finished_at - begin
             self._engine.blocked_s += self.blocked_s
         return self._result
+
+    def _finish_no_earlier_than_the_link(self) -> None:
+        remaining = self.ready_at - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+        self.finished_at = time.perf_counter()
 
     def future(self) -> torch.futures.Future:
         """A future of the result, for DDP comm hooks (one collective, link model included)."""
@@ -97,10 +100,7 @@ class Handle:
 
         def finish(_: torch.futures.Future) -> object:
             result = self._finish(self)
-            remaining = self.ready_at - time.perf_counter()
-            if remaining > 0:
-                time.sleep(remaining)
-            self.finished_at = time.perf_counter()
+            self._finish_no_earlier_than_the_link()
             return result
 
         return work.get_future().then(finish)

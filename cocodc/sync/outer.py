@@ -85,13 +85,12 @@ class OuterSync:
             for params in self.global_params
         ]
         self.compensate = config.method == "cocodc"
-        # Per fragment: the running mean of delta^2 (adaptive compensation) and its update count.
+        # Per fragment: the running mean of delta^2 (adaptive compensation), updated at every apply.
         self.normalisers = (
             [[torch.zeros_like(p, dtype=torch.float32) for p in params] for params in self.global_params]
             if self.compensate and config.dc_adaptive
             else None
         )
-        self.normaliser_updates = [0] * len(self.fragments)
         self.inner_step = 0
         self.outer_steps = 0
         self._in_flight: dict[int, _InFlight] = {}
@@ -221,8 +220,8 @@ class OuterSync:
         normalisers = None
         if self.normalisers is not None:
             normalisers = self.normalisers[p]
-            update_normalisers(normalisers, live, sent, config.dc_beta if self.normaliser_updates[p] else 0.0)
-            self.normaliser_updates[p] += 1
+            first = self.last_applied[p] == 0
+            update_normalisers(normalisers, live, sent, 0.0 if first else config.dc_beta)
         merge_compensated(live, self.global_params[p], sent, config.dc_lambda, config.alpha, normalisers)
 
     def pop_records(self) -> list[dict[str, Any]]:
@@ -257,7 +256,6 @@ class OuterSync:
                 for pending in self._in_flight.values()
             ],
             "normalisers": self.normalisers,
-            "normaliser_updates": list(self.normaliser_updates),
             "last_applied": list(self.last_applied),
             "schedule": self.schedule.state_dict() if self.adaptive else None,
             "shared": self.shared,
@@ -287,4 +285,3 @@ class OuterSync:
             for mine, saved in zip(self.normalisers, state["normalisers"], strict=True):
                 for tensor, value in zip(mine, saved, strict=True):
                     tensor.copy_(value)
-        self.normaliser_updates = list(state["normaliser_updates"])
