@@ -66,7 +66,10 @@ class SyncConfig:
     fragments: int = 1  # P
     fragment_pattern: Literal["strided", "sequential"] = "strided"
     delay: int = 0  # tau: inner steps between sending a fragment and applying its result
-    alpha: float = 0.0  # streaming merge: live <- alpha * live + (1 - alpha) * global
+    # The merge's share of the live parameters: live <- alpha * live + (1 - alpha) * global for
+    # streaming; the mix after cocodc's compensation. Unset: 0 for streaming (torchft's default),
+    # 0.5 for cocodc (benchmarks/convergence.py chose it).
+    alpha: float | None = None
     quantize: Literal["fp32", "bf16", "fp8", "int8", "e3m0"] = "fp32"  # pseudo-gradients on the wire
     # cocodc: theta <- theta_g + delta - w * (theta_g - theta_send), w = dc_lambda * delta^2, or with
     # dc_adaptive that over a running mean (decay dc_beta) of delta^2, clamped to [0, 1]; then the alpha mix.
@@ -78,6 +81,13 @@ class SyncConfig:
     schedule: Literal["round_robin", "adaptive"] = "round_robin"
     max_staleness: int = 0
     adaptive_delay: bool = True
+
+    @property
+    def mix(self) -> float:
+        """alpha, or its default for the method."""
+        if self.alpha is not None:
+            return self.alpha
+        return 0.5 if self.method == "cocodc" else 0.0
 
 
 @dataclass
@@ -339,7 +349,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'sync.dc_lambda' must not be negative; got {s.dc_lambda}")
     if not 0 <= s.dc_beta < 1:
         raise ConfigError(f"config key 'sync.dc_beta' must lie in [0, 1); got {s.dc_beta}")
-    if not 0 <= s.alpha <= 1:
+    if s.alpha is not None and not 0 <= s.alpha <= 1:
         raise ConfigError(f"config key 'sync.alpha' must lie in [0, 1]; got {s.alpha}")
     if not 0 < d.eval_fraction < 0.5:
         raise ConfigError(f"config key 'data.eval_fraction' must lie in (0, 0.5); got {d.eval_fraction}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from cocodc.config import SyncConfig
 from cocodc.metrics import read_records
 
 
@@ -44,7 +45,7 @@ def label(config: dict) -> str:
     method = sync["method"]
     if method in ("ddp", "diloco"):
         return method
-    parts = [method, f"P={sync['fragments']}", f"tau={sync['delay']}", f"alpha={sync['alpha']:g}"]
+    parts = [method, f"P={sync['fragments']}", f"tau={sync['delay']}", f"alpha={SyncConfig(**sync).mix:g}"]
     if method == "cocodc":
         parts.append(f"lambda={sync['dc_lambda']:g}{' adaptive' if sync['dc_adaptive'] else ''}")
     if sync.get("schedule") == "adaptive":

@@ -48,6 +48,20 @@ def test_bad_overrides_name_the_problem(override, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, mix",
+    [
+        ([], 0.0),
+        (["sync.method=streaming"], 0.0),
+        (["sync.method=cocodc"], 0.5),
+        (["sync.method=cocodc", "sync.alpha=0"], 0.0),
+    ],
+)
+def test_alpha_defaults_by_method(overrides, mix):
+    # Unset, the merge keeps none of the live parameters for streaming (torchft) and half for cocodc.
+    assert load_config(None, overrides).sync.mix == mix
+
+
 def test_impossible_combinations():
     with pytest.raises(ConfigError, match=r"sync.sync_every \(10\) must be a multiple of sync.fragments \(3\)"):
         load_config(TINY, ["sync.method=streaming", "sync.fragments=3", "sync.sync_every=10"])

@@ -287,7 +287,7 @@ def test_cocodc_in_a_user_loop(method, expected):
     # step 2 (weight 0.5). Outer Nesterov step: 1 - 0.7 * 1.9 * 0.4 = 0.468. Streaming takes it;
     # cocodc with lambda 0 replays the -0.1 the region moved while the fragment was in flight.
     module = scalar_module(1.0)
-    config = SyncConfig(method=method, sync_every=2, delay=1, dc_lambda=0.0, dc_adaptive=False)
+    config = SyncConfig(method=method, sync_every=2, delay=1, alpha=0.0, dc_lambda=0.0, dc_adaptive=False)
     outer = OuterSync([module], config, CommEngine(None))
     for weight in (0.6, 0.5):
         with torch.no_grad():

@@ -215,14 +215,14 @@ class OuterSync:
     def _merge(self, p: int, sent: list[torch.Tensor] | None) -> None:
         live, config = self.fragments[p].params, self.config
         if sent is None:
-            merge_alpha(live, self.global_params[p], config.alpha)
+            merge_alpha(live, self.global_params[p], config.mix)
             return
         normalisers = None
         if self.normalisers is not None:
             normalisers = self.normalisers[p]
             first = self.last_applied[p] == 0
             update_normalisers(normalisers, live, sent, 0.0 if first else config.dc_beta)
-        merge_compensated(live, self.global_params[p], sent, config.dc_lambda, config.alpha, normalisers)
+        merge_compensated(live, self.global_params[p], sent, config.dc_lambda, config.mix, normalisers)
 
     def pop_records(self) -> list[dict[str, Any]]:
         """Records since the last call: one `sync` per applied fragment, one `decision` per slot
