@@ -343,6 +343,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"sync.schedule adaptive needs sync.method streaming or cocodc; got {s.method}")
         if s.sync_every // max(s.fragments, 1) < 2:
             raise ConfigError("sync.schedule adaptive needs slots of 2+ steps: sync.sync_every >= 2 x sync.fragments")
+        if s.delay >= s.sync_every // max(s.fragments, 1):
+            raise ConfigError(
+                f"sync.schedule adaptive keeps one fragment in flight: sync.delay ({s.delay}) must be below "
+                f"sync.sync_every / sync.fragments ({s.sync_every // max(s.fragments, 1)})"
+            )
     if s.max_staleness < 0:
         raise ConfigError(f"config key 'sync.max_staleness' must not be negative; got {s.max_staleness}")
     if s.dc_lambda < 0:
