@@ -36,8 +36,9 @@ METHODS: dict[str, list[str]] = {
     "diloco": ["sync.method=diloco", "sync.fragments=1"],
     "streaming a=0": ["sync.method=streaming", "sync.alpha=0.0"],
     "streaming a=0.5": ["sync.method=streaming", "sync.alpha=0.5"],
-    # CoCoDC's named ablations: pure replay (lambda 0) mixed with the live parameters, and the
-    # compensated merge (the config's lambda, adaptive or not) without and with the mix.
+    # CoCoDC: "cocodc a=0.5" is its default configuration (alpha written out so that the label
+    # says it), "cocodc a=0" the compensated merge without the mix, "replay a=0.5" the mix with
+    # lambda 0 (no compensation).
     "replay a=0.5": ["sync.method=cocodc", "sync.dc_lambda=0", "sync.alpha=0.5"],
     "cocodc a=0": ["sync.method=cocodc", "sync.alpha=0.0"],
     "cocodc a=0.5": ["sync.method=cocodc", "sync.alpha=0.5"],
@@ -170,11 +171,12 @@ def plots(args: argparse.Namespace, plan: list[dict]) -> None:
     from cocodc.report import load_curve, plot_curves
 
     wan = load_config(args.config, args.set).wan
-    link = (
-        f"on a {wan.latency_ms} ms one-way, {wan.bandwidth_mbps or 'unlimited'} Mbit/s link"
-        if wan.enabled
-        else "with no link model"
-    )
+    link = "with no link model"
+    if isinstance(wan.latency_ms, list) or isinstance(wan.bandwidth_mbps, list):
+        link = "on the config's per-pair links"
+    elif wan.enabled:
+        bandwidth = f"{wan.bandwidth_mbps:g} Mbit/s" if wan.bandwidth_mbps else "unlimited bandwidth"
+        link = f"on a {wan.latency_ms:g} ms one-way, {bandwidth} link"
 
     for split in args.splits:
         for tau in args.taus:
