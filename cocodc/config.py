@@ -341,12 +341,13 @@ def validate(config: Config) -> None:
     if s.schedule == "adaptive":
         if s.method not in ("streaming", "cocodc"):
             raise ConfigError(f"sync.schedule adaptive needs sync.method streaming or cocodc; got {s.method}")
-        if s.sync_every // max(s.fragments, 1) < 2:
+        slot_len = s.sync_every // max(s.fragments, 1)
+        if slot_len < 2:
             raise ConfigError("sync.schedule adaptive needs slots of 2+ steps: sync.sync_every >= 2 x sync.fragments")
-        if s.delay >= s.sync_every // max(s.fragments, 1):
+        if s.delay >= slot_len:
             raise ConfigError(
                 f"sync.schedule adaptive keeps one fragment in flight: sync.delay ({s.delay}) must be below "
-                f"sync.sync_every / sync.fragments ({s.sync_every // max(s.fragments, 1)})"
+                f"sync.sync_every / sync.fragments ({slot_len})"
             )
     if s.max_staleness < 0:
         raise ConfigError(f"config key 'sync.max_staleness' must not be negative; got {s.max_staleness}")

@@ -326,3 +326,5 @@ def test_adaptive_schedule_timeline_and_bounds():
     assert set(schedule.planned) == {3}  # slots 1 and 2 were applied (steps 4, 8) before slot 3 began
     with pytest.raises(ValueError, match="slots of 2\\+ steps"):
         AdaptiveSchedule(4, 4, delay=1)
+    with pytest.raises(ValueError, match=r"delay \(4\) must be below sync_every / fragments \(4\)"):
+        AdaptiveSchedule(8, 2, delay=4)

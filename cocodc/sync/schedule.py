@@ -71,7 +71,10 @@ class AdaptiveSchedule:
                              f"fragments ({fragments}) must be an integer of at least 2")  # fmt: skip
         self.fragments = fragments
         self.slot_len = sync_every // fragments
-        self.delay = min(max(delay, 1), self.slot_len - 1)
+        if delay >= self.slot_len:
+            raise ValueError(f"the adaptive schedule keeps one fragment in flight: delay ({delay}) must be below "
+                             f"sync_every / fragments ({self.slot_len})")  # fmt: skip
+        self.delay = max(delay, 1)
         self.max_staleness = max_staleness or 2 * sync_every
         self.margin = margin
         self.planned: dict[int, Slot] = {}
