@@ -32,6 +32,9 @@ RESUME_KEYS = (
     "sync.fragment_pattern",
     "sync.sync_every",
     "sync.delay",
+    "sync.schedule",
+    "sync.dc_adaptive",
+    "mode",
     "data.source",
     "data.tokenizer",
     "data.vocab_size",
@@ -53,10 +56,14 @@ def step_dir(root: Path, step: int) -> Path:
 
 def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -65,20 +72,29 @@ def _atomic_write(path: Path, write: Any) -> None:
         os.close(dir_fd)
 
 
+def atomic_save(path: Path, state: dict[str, Any]) -> None:
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
 def save_rank(root: Path, step: int, rank: int, state: dict[str, Any]) -> None:
     directory = step_dir(root, step)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / f"rank{rank}.pt", lambda f: torch.save(state, f))
+    atomic_save(directory / f"rank{rank}.pt", state)
 
 
 def commit(root: Path, step: int, config: Config, keep: int) -> None:
-    """Mark `step` complete (call once every rank has saved) and prune older checkpoints."""
+    """Mark `step` complete (call once every rank has saved) and prune older checkpoints: all
+    but the newest `keep` complete ones, and every incomplete one before `step` (a save that a
+    crash cut short)."""
     meta = {"step": step, "config": flatten(config.to_dict())}
     _atomic_write(step_dir(root, step) / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
     _atomic_write(root / "LATEST", lambda f: f.write(f"{step}\n".encode()))
-    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").exists())
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    older = sorted(p for p in root.glob("step_*") if p.name < step_dir(root, step).name)
+    complete = [p for p in older if (p / "meta.json").exists()]
+    kept = set(complete[len(complete) - (keep - 1) :]) if keep > 1 else set()
+    for old in older:
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_step(root: Path) -> int:

@@ -26,6 +26,9 @@ class TopologyConfig:
     regions: int = 2
     ranks_per_region: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # A collective or transfer that does not complete within this many seconds (a peer died or
+    # fell silent) ends the run with an error; it must exceed the longest real transfer.
+    timeout_s: float = 120.0
 
 
 @dataclass
@@ -162,6 +165,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     wan: WanConfig = field(default_factory=WanConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mode: Literal["regions"] = "regions"
     seed: int = 0
 
     @property
@@ -330,6 +334,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config key '{key}' must not be negative; got {value}")
     if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
         raise ConfigError(f"model.d_model ({m.d_model}) must split into model.n_heads ({m.n_heads}) heads of even size")
+    if t.timeout_s <= 0:
+        raise ConfigError(f"config key 'topology.timeout_s' must be positive; got {t.timeout_s}")
     if tr.lr <= 0 or s.outer_lr <= 0:
         raise ConfigError("config keys 'train.lr' and 'sync.outer_lr' must be positive")
     if not 0 <= tr.min_lr_ratio <= 1:

@@ -1,8 +1,9 @@
-"""Where a run's numbers go: console progress, `metrics.jsonl`, and wandb.
+"""Where a run's numbers go: console progress, JSON lines, and wandb.
 
-Every region's leader appends its own records (each carries `region`) to metrics.jsonl, one line
-per `write()`, so regions on one host never interleave mid-line; rank 0 also writes the global
-eval records. With wandb enabled every region is one run in a group named after the experiment,
+One writer per file: region 0's leader writes `metrics.jsonl` (its own records and the global
+evals), the leader of region m > 0 writes `metrics-region<m>.jsonl`, so regions on different
+hosts of a shared filesystem never append to one file. `read_records(run/metrics.jsonl)` merges
+them back. With wandb enabled every region is one run in a group named after the experiment,
 with inner-step and outer-step axes.
 """
 
@@ -19,16 +20,31 @@ from typing import Any
 from tqdm import tqdm
 
 from cocodc.config import Config
+from cocodc.topology import Topology
+
+
+def region_files(path: Path) -> list[Path]:
+    """A run's metrics.jsonl and the files of its other regions, in region order."""
+    prefix = f"{path.stem}-region"
+    others = sorted(path.parent.glob(f"{prefix}*{path.suffix}"), key=lambda p: int(p.stem.removeprefix(prefix)))
+    return [path, *others]
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every region's records of the run whose metrics.jsonl is `path`, ordered by step (stable)."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    return sorted((r for p in region_files(path) for r in _read(p)), key=lambda r: r["step"])
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop the records a stopped run wrote after its last checkpoint."""
+    """Drop the records a stopped run wrote to `path` after its last checkpoint."""
     if path.exists():
-        kept = [r for r in read_records(path) if r["step"] <= step]
+        kept = [r for r in _read(path) if r["step"] <= step]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
@@ -75,12 +91,21 @@ class Console:
 
 
 class Metrics:
-    def __init__(self, config: Config, region: int, is_region_leader: bool, is_leader: bool, start_step: int):
-        self.region, self.is_leader = region, is_leader
-        run_dir = config.run_dir
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if is_region_leader else None  # noqa: SIM115
-        self.console = Console(config.train.steps, start_step) if is_leader else None
-        self.wandb = _start_wandb(config, region) if is_region_leader and config.wandb.mode != "disabled" else None
+    def __init__(self, config: Config, topology: Topology, start_step: int):
+        self.region, self.is_leader = topology.region, topology.is_leader
+        self.run_dir = config.run_dir
+        leads = topology.is_region_leader
+        self.jsonl = open(self.path(self.run_dir, self.region), "a") if leads else None  # noqa: SIM115
+        self.console = Console(config.train.steps, start_step) if self.is_leader else None
+        self.wandb = _start_wandb(config, self.region) if leads and config.wandb.mode != "disabled" else None
+
+    @staticmethod
+    def path(run_dir: Path, region: int) -> Path:
+        return run_dir / ("metrics.jsonl" if region == 0 else f"metrics-region{region}.jsonl")
+
+    def print(self, line: str) -> None:
+        if self.console is not None:
+            self.console.print(line)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.jsonl is not None:
@@ -129,7 +154,8 @@ class Metrics:
         if self.console is not None:
             self.console.print(f"eval  step {step:>6} | {scope} loss {loss:.4f} | ppl {math.exp(loss):.2f}")
 
-    def sync(self, records: list[dict[str, Any]]) -> None:
+    def records(self, records: list[dict[str, Any]]) -> None:
+        """A mode's own records (`sync`, `decision`, ...), tagged with the region."""
         for record in records:
             self._write({**record, "region": self.region})
             if self.wandb is not None and record["kind"] == "sync":
@@ -141,12 +167,23 @@ class Metrics:
                     }
                 )
 
-    def close(self, summary: dict[str, Any] | None) -> None:
+    def summary(self, summary: dict[str, Any]) -> None:
+        if self.is_leader:
+            path = self.run_dir / "summary.json"
+            path.with_suffix(".tmp").write_text(json.dumps(summary, indent=2) + "\n")
+            path.with_suffix(".tmp").replace(path)
+            self.print(
+                f"done: eval ppl {summary['initial_eval_ppl']:.2f} -> {summary['final_eval_ppl']:.2f} | "
+                f"{summary['tokens_per_s'] / 1e3:.1f}k tok/s | {summary['wall_s']:.1f}s | "
+                f"compute fraction {summary['compute_fraction']:.3f} | {path}"
+            )
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+
+    def close(self) -> None:
         if self.console is not None:
             self.console.close()
         if self.wandb is not None:
-            if summary is not None:
-                self.wandb.summary.update(summary)
             self.wandb.finish()
         if self.jsonl is not None:
             self.jsonl.close()

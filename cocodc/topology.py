@@ -3,6 +3,10 @@
 Rank r belongs to region r // R and has local index r % R. The intra-region group holds the R
 ranks of one region (fast link, DDP); the inter-region group holds the M ranks that share a local
 index, one per region (the slow WAN link).
+
+Setup (the run directory, the tokenizer) runs over the default group with the usual 10-minute
+timeout; the groups training uses time out after `topology.timeout_s`, so a lost or silent peer
+surfaces as an error within that bound rather than a hang.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Topology:
     regions: int
     ranks_per_region: int
     device: torch.device
+    setup_group: dist.ProcessGroup
     world_group: dist.ProcessGroup
     intra_group: dist.ProcessGroup
     inter_group: dist.ProcessGroup
@@ -76,16 +81,19 @@ def init_topology(config: Config) -> Topology:
             os.environ.setdefault("RANK", "0")
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
     rank = dist.get_rank()
+    timeout = timedelta(seconds=config.topology.timeout_s)
     # Every rank must create every group, in the same order.
-    intra = [dist.new_group([m * per_region + i for i in range(per_region)]) for m in range(regions)]
-    inter = [dist.new_group([m * per_region + i for m in range(regions)]) for i in range(per_region)]
+    world = dist.new_group(list(range(world_size)), timeout=timeout)
+    intra = [dist.new_group([m * per_region + i for i in range(per_region)], timeout=timeout) for m in range(regions)]
+    inter = [dist.new_group([m * per_region + i for m in range(regions)], timeout=timeout) for i in range(per_region)]
     return Topology(
         rank=rank,
         world_size=world_size,
         regions=regions,
         ranks_per_region=per_region,
         device=device,
-        world_group=dist.group.WORLD,
+        setup_group=dist.group.WORLD,
+        world_group=world,
         intra_group=intra[rank // per_region],
         inter_group=inter[rank % per_region],
     )

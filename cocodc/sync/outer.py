@@ -13,6 +13,10 @@ With the adaptive schedule, every fragment collective carries P + 2 more numbers
 region's drift of every fragment, its inner-step time and its last measured transfer time. Their
 mean over regions reaches every rank with the fragment, so all ranks decide the next slots from
 the same numbers without a round trip of their own.
+
+A region whose pseudo-gradient is not finite sends it with weight 0: the mean is over the other
+regions, the sync record names the excluded ones, and the excluded region takes the new global
+copy of the fragment in place of its own.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class OuterSync:
         self.inner_step = 0
         self.outer_steps = 0
         self._in_flight: dict[int, _InFlight] = {}
+        self._drained: set[int] = set()  # slots that finish() applied before their apply step
         self._records: list[dict[str, Any]] = []
 
     def step(self) -> None:
@@ -107,7 +112,9 @@ class OuterSync:
         if send is not None:
             self._send(send)
         apply = self.schedule.apply_at(self.inner_step)
-        if apply is not None:
+        if apply is not None and apply.index in self._drained:
+            self._drained.discard(apply.index)  # a run continued past its end: finish() applied it
+        elif apply is not None:
             self._apply(self._in_flight.pop(apply.fragment))
         if self.adaptive:
             self._step_ended = time.perf_counter()
@@ -144,40 +151,47 @@ class OuterSync:
             }
         )
 
-    def _telemetry(self) -> torch.Tensor:
+    def _telemetry(self, device: torch.device) -> torch.Tensor:
         """This region's numbers for the adaptive schedule: drift of every fragment, step and
         transfer time."""
         drift = [
             sum(float((g - m.detach()).float().square().sum()) for g, m in zip(params, f.params, strict=True)) / f.numel
             for params, f in zip(self.global_params, self.fragments, strict=True)
         ]
-        return torch.tensor([*drift, self.step_s, self.transfer_s], dtype=torch.float32)
+        return torch.tensor([*drift, self.step_s, self.transfer_s], dtype=torch.float32, device=device)
 
     def finish(self) -> None:
         """Apply every fragment still in flight, in slot order."""
         for pending in sorted(self._in_flight.values(), key=lambda x: x.slot.index):
             self._apply(pending)
+            self._drained.add(pending.slot.index)
         self._in_flight.clear()
 
     def _send(self, slot: Slot) -> None:
         if slot.fragment in self._in_flight:
             raise RuntimeError(f"fragment {slot.fragment} is already in flight")
         payload = pseudo_gradient(self.global_params[slot.fragment], self.fragments[slot.fragment].params)
+        # Decided on the whole fragment, so every rank of the region takes the same decision.
+        weight = 1.0 if bool(torch.isfinite(payload).all()) else 0.0
         if self.intra is not None and self.intra.size > 1:
             share = -(-payload.numel() // self.intra.size)
             payload = torch.nn.functional.pad(payload, (0, share * self.intra.size - payload.numel()))
             payload = payload[self.intra.rank * share : (self.intra.rank + 1) * share].clone()
         tail = 0
         if self.adaptive:
-            extras = self._telemetry()
+            extras = self._telemetry(payload.device)
             payload, tail = torch.cat([payload, extras]), extras.numel()
         sent = [p.detach().clone() for p in self.fragments[slot.fragment].params] if self.compensate else None
-        handle = self.comm.all_reduce_mean(payload, self.codec, exact_tail=tail)
+        handle = self.comm.all_reduce_mean(payload, self.codec, exact_tail=tail, weight=weight)
         self._in_flight[slot.fragment] = _InFlight(slot, handle, sent)
 
     def _apply(self, pending: _InFlight) -> None:
         p = pending.slot.fragment
         mean = pending.handle.wait()
+        weights = pending.handle.weights
+        excluded = [m for m, w in enumerate(weights) if w == 0]
+        if len(excluded) == len(weights):
+            raise FloatingPointError(f"fragment {p}'s pseudo-gradient is not finite in any region")
         params = self.global_params[p]
         rows = mean.view(1, -1)
         if self.intra is not None and self.intra.size > 1:
@@ -192,7 +206,12 @@ class OuterSync:
             param.grad = grad.view_as(param).to(param.dtype)
         self.optimizers[p].step()
         self.optimizers[p].zero_grad(set_to_none=True)
-        self._merge(p, pending.sent)
+        if weights[self.comm.rank] == 0:
+            with torch.no_grad():
+                for live, new in zip(self.fragments[p].params, params, strict=True):
+                    live.copy_(new)
+        else:
+            self._merge(p, pending.sent)
         self.last_applied[p] = self.inner_step
         self.outer_steps += 1
         handle = pending.handle
@@ -209,6 +228,7 @@ class OuterSync:
                 "comm_s": handle.elapsed_s,
                 "modelled_s": handle.modelled_s,
                 "blocked_s": handle.blocked_s,
+                "excluded": excluded,
             }
         )
 
@@ -252,9 +272,15 @@ class OuterSync:
             "global_params": [[t.clone() for t in params] for params in self.global_params],
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "in_flight": [
-                {"slot": pending.slot.index, "mean": pending.handle.wait().clone(), "sent": pending.sent}
+                {
+                    "slot": pending.slot.index,
+                    "mean": pending.handle.wait().clone(),
+                    "weights": pending.handle.weights,
+                    "sent": pending.sent,
+                }
                 for pending in self._in_flight.values()
             ],
+            "drained": sorted(self._drained),
             "normalisers": self.normalisers,
             "last_applied": list(self.last_applied),
             "schedule": self.schedule.state_dict() if self.adaptive else None,
@@ -276,11 +302,15 @@ class OuterSync:
         if self.adaptive:
             self.schedule.load_state_dict(state["schedule"])
         self.shared, self.step_s, self.transfer_s = state["shared"], state["step_s"], state["transfer_s"]
+        # A checkpoint is loaded onto the CPU; what was in flight returns to the parameters' device.
+        device = self.global_params[0][0].device
         self._in_flight = {}
         for entry in state["in_flight"]:
             slot = self.schedule.slot(int(entry["slot"]))
-            handle = Handle.completed(self.comm, entry["mean"])
-            self._in_flight[slot.fragment] = _InFlight(slot, handle, entry["sent"])
+            handle = Handle.completed(self.comm, entry["mean"].to(device), weights=entry["weights"])
+            sent = [t.to(device) for t in entry["sent"]] if entry["sent"] is not None else None
+            self._in_flight[slot.fragment] = _InFlight(slot, handle, sent)
+        self._drained = set(state["drained"])
         if self.normalisers is not None:
             for mine, saved in zip(self.normalisers, state["normalisers"], strict=True):
                 for tensor, value in zip(mine, saved, strict=True):

@@ -1,0 +1,1 @@
+"""The training modes, each built from the trainer's shared parts (trainer.py)."""

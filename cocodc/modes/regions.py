@@ -1,0 +1,68 @@
+"""The regions mode: data-parallel (ddp) or an outer sync (diloco, streaming, cocodc) over the WAN
+between regions, DDP inside each region."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cocodc.comm import CommEngine
+from cocodc.comm.wan import LinkModel
+from cocodc.config import Config
+from cocodc.sync import OuterSync
+from cocodc.topology import Topology
+from cocodc.trainer import Stateful
+
+
+def wan_engine(config: Config, topology: Topology) -> CommEngine:
+    """The engine over the WAN: the inter-region group (the world for ddp), with the link model
+    when one is configured (a netem-emulated WAN delays the real packets instead)."""
+    ddp = config.sync.method == "ddp"
+    group = topology.world_group if ddp else topology.inter_group
+    region_of = [r // topology.ranks_per_region for r in range(topology.world_size)] if ddp else None
+    members = [f"region {m}" for m in region_of or range(topology.regions)]
+    name = "world" if ddp else "inter-region"
+    w, link = config.wan, None
+    if w.enabled and w.emulation == "model":
+        link = LinkModel.build(
+            topology.regions, w.latency_ms, w.bandwidth_mbps, w.jitter_ms, seed=config.seed + topology.rank
+        )
+        if region_of is not None:
+            link = link.for_ranks(region_of)
+    return CommEngine(group, link, name=name, members=members, timeout_s=config.topology.timeout_s)
+
+
+class RegionsMode:
+    def __init__(self, config: Config, topology: Topology, model: nn.Module, intra: CommEngine):
+        self.method = config.sync.method
+        self.wan = wan_engine(config, topology)
+        self.outer = OuterSync(model, config.sync, self.wan, intra=intra) if self.method != "ddp" else None
+        self.keeps_region_copies = self.outer is not None
+        self.parts: dict[str, Stateful] = {"outer": self.outer} if self.outer is not None else {}
+        self.train_model = model
+        if self.outer is None and topology.world_size > 1:
+            self.train_model = DistributedDataParallel(model, process_group=topology.world_group)
+            # A lambda: DDP rejects a hook whose annotations are strings (postponed evaluation).
+            hook = lambda wan, bucket: wan.all_reduce_mean(bucket.buffer()).future()  # noqa: E731
+            self.train_model.register_comm_hook(self.wan, hook)
+        elif topology.ranks_per_region > 1:
+            self.train_model = DistributedDataParallel(model, process_group=topology.intra_group)
+
+    def after_step(self) -> list[dict[str, Any]]:
+        if self.outer is None:
+            return []
+        self.outer.step()
+        return self.outer.pop_records()
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self.outer is None:
+            return []
+        self.outer.finish()
+        return self.outer.pop_records()
+
+    def global_view(self) -> contextlib.AbstractContextManager[None]:
+        return self.outer.global_parameters() if self.outer is not None else contextlib.nullcontext()
+

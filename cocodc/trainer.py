@@ -1,0 +1,435 @@
+"""The parts every mode shares, and the inner-step loop.
+
+A mode (modes/regions.py today) is what happens around the inner step: it hands the loop the
+module to step through, a hook after every step, a view of the global parameters for eval and
+its own stateful parts. The loop, the checkpoint of the list of parts, eval, metrics and the
+summary are the same for every mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from cocodc import checkpoint
+from cocodc.comm import CommEngine, CommError
+from cocodc.config import Config, ConfigError
+from cocodc.data import BPETokenizer, ByteTokenizer, RankData, Tokenizer, tokenizer_training_texts
+from cocodc.metrics import Metrics, truncate_after
+from cocodc.model import lm_loss
+from cocodc.topology import Topology
+
+
+class Interrupted(RuntimeError):
+    """The process was told to stop (SIGTERM from a scheduler or the launcher, SIGINT)."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class Mode(Protocol):
+    """What a mode hands the inner-step loop."""
+
+    method: str
+    train_model: nn.Module  # what the inner step runs forward and backward through
+    wan: CommEngine  # the slow link's engine: its bytes and waits go into the summary
+    parts: dict[str, Stateful]  # the mode's state, saved in this order after the model and optimizer
+    keeps_region_copies: bool  # regions hold their own parameters (eval.per_region is meaningful)
+
+    def after_step(self) -> list[dict[str, Any]]: ...
+
+    def finish(self) -> list[dict[str, Any]]: ...
+
+    def global_view(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+# ------------------------------------------------------------------ the run directory
+
+
+def check_run_dir(config: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one; raises ConfigError or CheckpointError."""
+    run_dir = config.run_dir
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other")
+    if resume:
+        checkpoint.latest_step(run_dir / "checkpoints")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"run directory {run_dir} exists; pass --resume to continue it, "
+            "--overwrite to replace it, or --set run.name=<new name>"
+        )
+
+
+def open_run(
+    config: Config, topology: Topology, setup: CommEngine, *, resume: bool, overwrite: bool, stop_at: int | None
+) -> tuple[int, dict[str, Any] | None]:
+    """Check, create or reopen the run directory; returns the step to start from and, on a
+    resume, this rank's saved state."""
+    run_dir, ckpt_root = config.run_dir, config.run_dir / "checkpoints"
+    check_run_dir(config, resume, overwrite)
+    setup.barrier()  # every rank has checked before the leader changes anything
+    if topology.is_leader:
+        if overwrite:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    start_step, state = 0, None
+    if resume:
+        start_step = checkpoint.latest_step(ckpt_root)
+        checkpoint.check_compatible(ckpt_root, start_step, config, topology.world_size)
+        state = checkpoint.load_rank(ckpt_root, start_step, topology.rank)
+        if topology.is_region_leader:
+            truncate_after(Metrics.path(run_dir, topology.region), start_step)
+    if stop_at is not None and stop_at <= start_step:
+        raise ConfigError(f"--stop-at {stop_at} must come after the step training starts from ({start_step})")
+    setup.barrier()
+    return start_step, state
+
+
+def build_tokenizer(config: Config, topology: Topology, setup: CommEngine) -> Tokenizer:
+    if config.data.tokenizer == "bytes":
+        return ByteTokenizer()
+    path = config.run_dir / "tokenizer.json"
+    if topology.is_leader and not path.exists():
+        BPETokenizer.train(tokenizer_training_texts(config.data), config.data.vocab_size).save(path)
+    setup.barrier()
+    return BPETokenizer.load(path)
+
+
+# ------------------------------------------------------------------ optimisation
+
+
+def lr_at(step: int, config: Config) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.lr * train.min_lr_ratio."""
+    t = config.train
+    if step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def inner_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    t = config.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+    )
+
+
+def autocast_for(config: Config, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def evaluate(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    share: int,
+    shares: int,
+    engine: CommEngine,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager[None],
+) -> float:
+    """Mean eval loss; the batches are dealt over `shares` ranks and summed through `engine`."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast:
+        for batch in batches[share::shares]:
+            batch = batch.to(device)
+            count = batch[:, 1:].numel()
+            totals += torch.tensor([lm_loss(model, batch).item() * count, count], device=device, dtype=torch.float64)
+    model.train(was_training)
+    totals = engine.all_reduce_mean(totals).wait()
+    return (totals[0] / totals[1]).item()
+
+
+# ------------------------------------------------------------------ state that survives a resume
+
+
+@dataclass
+class Totals:
+    """Running sums that survive a resume."""
+
+    compute_s: float = 0.0
+    wall_s: float = 0.0
+    eval_s: float = 0.0
+    checkpoint_s: float = 0.0
+    initial_eval_loss: float = float("nan")
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        vars(self).update(state)
+
+
+class RngState:
+    """torch's CPU generator (the model draws no random numbers on the device while training)."""
+
+    def state_dict(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state)
+
+
+class EngineCounters:
+    """An engine's bytes and time blocked. Saved after the mode's parts: saving those may wait for
+    transfers in flight, and that wait belongs in the totals."""
+
+    def __init__(self, engine: CommEngine):
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, float]:
+        e = self.engine
+        return {"bytes_sent": e.bytes_sent, "bytes_received": e.bytes_received, "blocked_s": e.blocked_s}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        e = self.engine
+        e.bytes_sent, e.bytes_received, e.blocked_s = state["bytes_sent"], state["bytes_received"], state["blocked_s"]
+
+
+def state_parts(
+    model: nn.Module, optimizer: torch.optim.Optimizer, mode: Mode, loader: Stateful, totals: Totals
+) -> dict[str, Stateful]:
+    """Every part a checkpoint holds, in the order they are saved."""
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        **mode.parts,
+        "wan": EngineCounters(mode.wan),
+        "data": loader,
+        "rng": RngState(),
+        "totals": totals,
+    }
+
+
+class Checkpointer:
+    """Saves and restores a list of named stateful parts, one file per rank (checkpoint.py)."""
+
+    def __init__(self, config: Config, topology: Topology, world: CommEngine, parts: dict[str, Stateful]):
+        self.config, self.topology, self.world, self.parts = config, topology, world, parts
+        self.root = config.run_dir / "checkpoints"
+
+    def save(self, step: int) -> None:
+        state = {"step": step, **{name: part.state_dict() for name, part in self.parts.items()}}
+        checkpoint.save_rank(self.root, step, self.topology.rank, state)
+        self.world.barrier()
+        if self.topology.is_leader:
+            checkpoint.commit(self.root, step, self.config, self.config.checkpoint.keep)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+    def rescue(self, step: int, names: list[str]) -> Path:
+        """This rank's `names` parts as they are, outside the resumable checkpoints (a peer is lost,
+        so no complete checkpoint can be written)."""
+        path = self.root / "rescue" / f"rank{self.topology.rank}-step{step}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_save(path, {"step": step, **{n: self.parts[n].state_dict() for n in names}})
+        return path
+
+
+# ------------------------------------------------------------------ the loop
+
+
+class Trainer:
+    """The inner-step loop: lr schedule, batches, forward/backward/step, the mode's hook, eval,
+    metrics and checkpoints."""
+
+    def __init__(
+        self,
+        config: Config,
+        topology: Topology,
+        world: CommEngine,
+        intra: CommEngine,
+        data: RankData,
+        model: nn.Module,
+        start_step: int,
+    ):
+        self.config, self.topology, self.world, self.intra = config, topology, world, intra
+        self.data, self.model, self.start_step = data, model, start_step
+        self.device = topology.device
+        self.optimizer = inner_optimizer(model, config)
+        self.totals = Totals()
+        self.metrics = Metrics(config, topology, start_step)
+        self.step = start_step
+
+    def inner_step(self, train_model: nn.Module, wan: CommEngine) -> tuple[float, float]:
+        """One AdamW step on the next batch; returns the loss and the compute time (the step's
+        wall-clock less what it spent waiting for the link, as DDP's all-reduce does)."""
+        lr = lr_at(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.data.loader.next_batch().to(self.device, non_blocking=True)
+        began, blocked = time.perf_counter(), wan.blocked_s
+        with autocast_for(self.config, self.device):
+            loss = lm_loss(train_model, batch)
+        loss.backward()
+        if self.config.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        return loss_value, time.perf_counter() - began - (wan.blocked_s - blocked)
+
+    def evaluate(self, mode: Mode) -> float:
+        """Eval loss of the global parameters (and of each region's own, with eval.per_region)."""
+        began, t = time.perf_counter(), self.topology
+        batches, autocast = self.data.eval_batches, autocast_for(self.config, self.device)
+        with mode.global_view():
+            loss = evaluate(self.model, batches, t.rank, t.world_size, self.world, self.device, autocast)
+        self.metrics.eval(self.step, loss, "global", self.totals.wall_s)
+        if self.config.eval.per_region and mode.keeps_region_copies:
+            own = evaluate(self.model, batches, t.local_index, t.ranks_per_region, self.intra, self.device, autocast)
+            self.metrics.eval(self.step, own, "region", self.totals.wall_s)
+        self.totals.eval_s += time.perf_counter() - began
+        return loss
+
+    def run(self, mode: Mode, state: dict[str, Any] | None, stop_at: int | None) -> dict[str, Any] | None:
+        """Train to train.steps (or stop after `stop_at`); returns the summary, or None if stopped
+        early. A lost peer raises CommError after this rank's state is rescued."""
+        parts = state_parts(self.model, self.optimizer, mode, self.data.loader, self.totals)
+        checkpointer = Checkpointer(self.config, self.topology, self.world, parts)
+        if state is not None:
+            checkpointer.restore(state)
+        self._announce(mode)
+        try:
+            return self._loop(mode, checkpointer, stop_at)
+        except (CommError, Interrupted) as err:
+            raise self._rescue(checkpointer, err) from None
+        except RuntimeError as err:  # a collective that DDP runs inside backward, not through an engine
+            if not backend_failure(err):
+                raise
+            raise self._rescue(checkpointer, CommError(f"DDP's all-reduce failed: {first_line(err)}")) from None
+        finally:
+            self.metrics.close()
+
+    def _rescue(self, checkpointer: Checkpointer, err: Exception) -> Exception:
+        """Save what this rank has and say where; the error to raise in place of `err`."""
+        rescued = checkpointer.rescue(self.step, ["model", "optimizer", "data"])
+        try:
+            last = f"the last complete checkpoint is step {checkpoint.latest_step(checkpointer.root)}"
+        except checkpoint.CheckpointError:
+            last = "there is no complete checkpoint"
+        return type(err)(f"{err} at step {self.step}; this rank's state is in {rescued}; {last}")
+
+    def _loop(self, mode: Mode, checkpointer: Checkpointer, stop_at: int | None) -> dict[str, Any] | None:
+        config, totals = self.config, self.totals
+        segment_start, segment_wall = time.perf_counter(), totals.wall_s
+        if self.start_step == 0:
+            totals.initial_eval_loss = self.evaluate(mode)
+        t = self.topology
+        tokens_per_step = t.world_size * config.train.batch_size * config.train.seq_len
+        last_step = min(config.train.steps, stop_at) if stop_at is not None else config.train.steps
+
+        def save() -> None:
+            began = time.perf_counter()
+            checkpointer.save(self.step)
+            totals.checkpoint_s += time.perf_counter() - began
+
+        for step in range(self.start_step + 1, last_step + 1):
+            self.step = step
+            loss, compute_s = self.inner_step(mode.train_model, mode.wan)
+            totals.compute_s += compute_s
+            self.metrics.records(mode.after_step())
+            totals.wall_s = segment_wall + time.perf_counter() - segment_start
+            tokens_per_s = tokens_per_step * (step - self.start_step) / (totals.wall_s - segment_wall)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.metrics.train(step, loss, lr, compute_s, tokens_per_s, log=step % config.train.log_every == 0)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training diverged at step {step} in region {t.region}: loss is {loss}")
+            if config.eval.every and step % config.eval.every == 0 and step != config.train.steps:
+                self.evaluate(mode)
+            if config.checkpoint.every and step % config.checkpoint.every == 0 and step != last_step:
+                save()
+
+        if self.step < config.train.steps:  # stopped early on purpose
+            save()
+            self.metrics.print(f"stopped after step {self.step}; continue with --resume")
+            return None
+        self.metrics.records(mode.finish())
+        final_loss = self.evaluate(mode)
+        if self.step > self.start_step:
+            save()
+        totals.wall_s = segment_wall + time.perf_counter() - segment_start
+        summary = self._summary(mode, final_loss, tokens_per_step)
+        self.metrics.summary(summary)
+        return summary
+
+    def _announce(self, mode: Mode) -> None:
+        t, c = self.topology, self.config
+        params = sum(p.numel() for p in self.model.parameters())
+        self.metrics.print(
+            f"cocodc: {mode.method} | {t.regions} regions x {t.ranks_per_region} ranks | "
+            f"{params / 1e6:.2f}M params | {c.train.steps} steps of {t.world_size} x "
+            f"{c.train.batch_size} x {c.train.seq_len} tokens | {self.device.type} | {c.run_dir}"
+            + (f" | resumed at step {self.start_step}" if self.start_step else "")
+        )
+
+    def _summary(self, mode: Mode, final_loss: float, tokens_per_step: int) -> dict[str, Any]:
+        totals, t, wan = self.totals, self.topology, mode.wan
+        busy = totals.wall_s - totals.eval_s - totals.checkpoint_s
+        # Means over ranks; WAN bytes are per region (every local rank of a region carries its share).
+        per_rank = torch.tensor(
+            [wan.bytes_sent, wan.bytes_received, wan.blocked_s, totals.compute_s / busy],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        sent, received, blocked, compute_fraction = self.world.all_reduce_mean(per_rank).wait().tolist()
+        steps = self.config.train.steps
+        return {
+            "method": mode.method,
+            "regions": t.regions,
+            "ranks_per_region": t.ranks_per_region,
+            "steps": steps,
+            "initial_eval_loss": totals.initial_eval_loss,
+            "initial_eval_ppl": math.exp(totals.initial_eval_loss),
+            "final_eval_loss": final_loss,
+            "final_eval_ppl": math.exp(final_loss),
+            "tokens": tokens_per_step * steps,
+            "wall_s": totals.wall_s,
+            "tokens_per_s": tokens_per_step * steps / totals.wall_s,
+            "compute_fraction": compute_fraction,
+            "blocked_s": blocked,
+            "eval_s": totals.eval_s,
+            "checkpoint_s": totals.checkpoint_s,
+            "bytes_sent": round(sent * t.ranks_per_region),
+            "bytes_received": round(received * t.ranks_per_region),
+        }
+
+
+def backend_failure(err: RuntimeError) -> bool:
+    """Whether `err` is the backend's word that a peer is gone (gloo and NCCL raise RuntimeError)."""
+    return isinstance(err, dist.DistError) or any(
+        mark in str(err) for mark in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
+    )
+
+
+def first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def threads_per_rank(config: Config) -> int:
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return config.train.threads or max(1, (os.cpu_count() or 1) // local_ranks)
+

@@ -1,0 +1,124 @@
+"""A rank that dies or a region that falls silent: every other rank exits within the bound, with one
+clear line each, a rescue of its state, and nothing left running. Real torchrun, real processes,
+real network namespaces (the silent link; skipped without root and /dev/net/tun)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cocodc.metrics import read_records
+
+from conftest import FAST, TINY, overrides
+
+TIMEOUT_S = 8  # topology.timeout_s of these runs: the bound on noticing a silent peer
+
+
+def start(root: Path, *settings: str) -> subprocess.Popen:
+    args = overrides(*FAST, "train.steps=100000", "eval.every=0", "checkpoint.every=5", "sync.sync_every=4",
+                     f"topology.timeout_s={TIMEOUT_S}", f"run.dir={root}", "run.name=lost", *settings)  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "cocodc.cli", "train", "-c", TINY, *args]
+    return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(run: Path, step: int, launcher: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(r["kind"] == "train" and r["step"] >= step for r in read_records(metrics)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run did not reach step {step}")
+
+
+def processes_of(run: Path) -> dict[int, dict[str, str]]:
+    """pid -> environment of every process whose command line names this run's directory."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if str(run.parent).encode() not in (entry / "cmdline").read_bytes():
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        found[int(entry.name)] = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+    return found
+
+
+def finish(launcher: subprocess.Popen, run: Path, bound: float) -> str:
+    began = time.monotonic()
+    try:
+        _, stderr = launcher.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        for pid in processes_of(run):
+            os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        raise AssertionError(f"the run was still running {bound} s after the failure") from None
+    assert launcher.returncode != 0
+    assert time.monotonic() - began < bound
+    assert "Traceback" not in stderr, stderr[-3000:]
+    deadline = time.monotonic() + 10
+    while processes_of(run) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_of(run), "processes were left behind"
+    return stderr
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("cocodc: error:")]
+
+
+def test_a_killed_rank_ends_the_run_with_one_line_per_rank(tmp_path):
+    launcher = start(tmp_path, "topology.regions=3", "sync.method=diloco")
+    run = tmp_path / "lost"
+    wait_for_step(run, 6, launcher)
+    victim = next(pid for pid, env in processes_of(run).items() if env.get("RANK") == "1")
+    os.kill(victim, signal.SIGKILL)
+    stderr = finish(launcher, run, bound=TIMEOUT_S + 60)
+    lines = error_lines(stderr)
+    assert lines, stderr[-3000:]
+    assert all(line.count("\n") == 0 for line in lines)
+    rescued = sorted(p.name for p in (run / "checkpoints" / "rescue").iterdir())
+    assert {name.split("-")[0] for name in rescued} <= {"rank0", "rank2"} and rescued
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/dev/net/tun").exists(), reason="needs root and /dev/net/tun"
+)
+
+
+def namespaces() -> set[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in listing.splitlines() if line.strip()}
+
+
+@needs_root
+def test_a_silent_region_is_noticed_within_the_timeout(tmp_path):
+    # Regions in namespaces; region 1's wan0 goes down mid-run. No process dies, no connection is
+    # reset: only the timeout can tell, and it must, on both sides.
+    before = namespaces()
+    launcher = start(tmp_path, "wan.emulation=netem", "wan.latency_ms=5", "sync.method=streaming",
+                     "sync.fragments=2", "sync.delay=1")  # fmt: skip
+    run = tmp_path / "lost"
+    try:
+        wait_for_step(run, 10, launcher)
+        subprocess.run(["ip", "-n", f"c{launcher.pid}-r1", "link", "set", "wan0", "down"], check=True)
+        stderr = finish(launcher, run, bound=TIMEOUT_S + 60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        subprocess.run([sys.executable, "-m", "cocodc.cli", "netem", "down", "--name", f"c{launcher.pid}"],
+                       capture_output=True)  # fmt: skip
+    lines = error_lines(stderr)
+    assert any("did not complete within" in line for line in lines), stderr[-3000:]
+    assert namespaces() == before
+    assert sorted(p.name.split("-")[0] for p in (run / "checkpoints" / "rescue").iterdir()) == ["rank0", "rank1"]
