@@ -1,18 +1,23 @@
-"""The comm engine: codecs, the link model, and every operation over a real 2-process gloo group."""
+"""The comm engine: codecs, the two quantized means, and every operation over real gloo groups."""
 
-import math
+import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cocodc.comm import CommEngine
+from cocodc.comm import CommEngine, CommError
 from cocodc.comm.codec import BLOCK, CODECS, get_codec
+from cocodc.comm.engine import choose_algorithm, reduction_bytes, simulate_all_reduce
 from cocodc.comm.wan import LinkModel
 
 from conftest import gloo_group
+
+NAN = float("nan")
 
 
 def _values(numel: int) -> torch.Tensor:
@@ -86,90 +91,290 @@ def test_unknown_codec_is_named():
         get_codec("fp4")
 
 
-def test_link_model_ring_times_by_hand():
-    # 2 regions, 100 ms one-way, 100 Mbit/s = 12.5 MB/s. A ring all-reduce of 1.25 MB: 2 steps of
-    # (0.1 s + 0.625 MB / 12.5 MB/s) = 0.3 s; an all-gather of 1.25 MB: 1 step of 0.2 s.
-    link = LinkModel.build(2, 100, 100)
-    assert link.all_reduce_s(1_250_000) == pytest.approx(0.3)
-    assert link.all_gather_s(1_250_000) == pytest.approx(0.2)
-    assert link.transfer_s(0, 1, 125_000) == pytest.approx(0.11)
-    assert link.broadcast_s(1_250_000, src=1) == pytest.approx(0.2)
-    assert LinkModel.build(2, 0, 0).all_reduce_s(10**9) == 0.0
+# Members 0 and 2 take part with weights 1 and 3; member 1 holds NaN and weight 0. The first six
+# values, their weighted mean and their weighted sum are e3m0 numbers (a power of two times the
+# absmax) in every block and in every 2-value chunk of a 3-member reduce-scatter; the last value
+# rides along in fp32 (the mean's 3.5 is no e3m0 number there).
+_MASKED = {
+    0: (1.0, [4.0, 4.0, 4.0, 2.0, 8.0, -4.0, 5.0]),
+    1: (0.0, [NAN] * 7),
+    2: (3.0, [4.0, -4.0, 0.0, 0.0, 0.0, 0.0, 3.0]),
+}
+_MEAN = [4.0, -2.0, 1.0, 0.5, 2.0, -1.0, 3.5]  # (x0 + 3 x2) / 4
+_SUM = [16.0, -8.0, 4.0, 2.0, 8.0, -4.0, 14.0]
 
 
-def test_link_model_per_pair_and_slowest_ring_link():
-    # Three regions; the ring 0->1->2->0 is held back by its slowest link, 2->0 (300 ms, 10 Mbit/s).
-    latency = [[0, 10, 50], [10, 0, 20], [300, 20, 0]]
-    bandwidth = [[0, 100, 100], [100, 0, 100], [10, 100, 0]]
-    link = LinkModel.build(3, latency, bandwidth)
-    step = 0.3 + 125_000 / 1.25e6
-    assert link.all_gather_s(125_000) == pytest.approx(2 * step)
-    assert link.transfer_s(0, 2, 0) == pytest.approx(0.05)
-    with pytest.raises(ValueError, match="3 x 3 matrix"):
-        LinkModel.build(3, [[0, 1], [1, 0]], 100)
+@pytest.mark.parametrize("algorithm", ["gather", "reduce_scatter"])
+def test_quantized_means_by_hand_skip_the_member_of_weight_zero(algorithm):
+    members = [torch.tensor(values) for _, values in _MASKED.values()]
+    weights = [weight for weight, _ in _MASKED.values()]
+    mean = simulate_all_reduce(members, weights, "e3m0", algorithm, exact_tail=1)
+    total = simulate_all_reduce(members, weights, "e3m0", algorithm, exact_tail=1, mean=False)
+    assert mean.tolist() == _MEAN and total.tolist() == _SUM
+    nobody = simulate_all_reduce([members[1], members[1]], [0.0, 0.0], "e3m0", algorithm)
+    assert nobody.tolist() == [0.0] * 7  # documented: the mean over no member is zeros
 
 
-def test_link_model_jitter_stays_within_bounds_and_for_ranks_expands_regions():
-    link = LinkModel.build(2, 100, 0, jitter_ms=20, seed=3)
-    draws = [link.transfer_s(0, 1, 0) for _ in range(200)]
-    assert min(draws) >= 0.08 and max(draws) <= 0.12 and len(set(draws)) > 100
-    per_rank = LinkModel.build(2, 100, 100).for_ranks([0, 0, 1, 1])
-    assert per_rank.latency_s[0][1] == 0.0 and per_rank.latency_s[1][2] == pytest.approx(0.1)
-    assert per_rank.bandwidth_Bps[3][0] == pytest.approx(12.5e6)
+def _int8_bound(x: torch.Tensor) -> torch.Tensor:
+    """int8's largest error on each value: half a step of its block's absmax / 127."""
+    blocks = torch.nn.functional.pad(x, (0, -x.numel() % BLOCK)).view(-1, BLOCK)
+    return (blocks.abs().amax(dim=1, keepdim=True) / 254 * (1 + 1e-5)).expand_as(blocks).reshape(-1)[: x.numel()]
+
+
+def test_quantized_means_stay_within_the_format_bounds():
+    # Five members, one masked. Each member's encoding errs by at most its bound, so the decoded
+    # mean by at most the weighted mean of the bounds; the gather encodes whole payloads, the
+    # reduce-scatter chunks of 200 values (blocks start at each chunk). The reduce-scatter then
+    # encodes the reduced chunk again: half a step more of that chunk's absmax.
+    weights = [1.0, 2.0, 0.0, 1.0, 3.0]
+    members = [_values(1000) * (m + 1) if w else torch.full((1000,), NAN) for m, w in enumerate(weights)]
+    exact = sum(w * x for w, x in zip(weights, members, strict=True) if w) / sum(weights)
+
+    def bound(chunk: int) -> torch.Tensor:
+        pieces = [torch.cat([_int8_bound(c) for c in x.split(chunk)]) for x in members]
+        return sum(w * b for w, b in zip(weights, pieces, strict=True) if w) / sum(weights)
+
+    gather = simulate_all_reduce(members, weights, "int8", "gather")
+    assert ((gather - exact).abs() <= bound(1000)).all()
+    scattered = simulate_all_reduce(members, weights, "int8", "reduce_scatter")
+    first = bound(200)
+    reduced = zip(exact.split(200), first.split(200), strict=True)
+    second = torch.cat([((r.abs() + b).max() / 254 * (1 + 1e-5)).expand_as(r) for r, b in reduced])
+    assert ((scattered - exact).abs() <= first + second).all()
+
+
+def test_auto_gathers_while_that_sends_fewer_bytes_than_fp32():
+    # The gather sends (n - 1) encoded payloads, the fp32 ring 2 (n - 1) / n payloads of fp32: the
+    # gather stops saving bytes at n = 16 for 4 bits, 8 for 8 bits, 5 for 16 bits.
+    numel = 1 << 20
+    for codec, first in (("e3m0", 16), ("int8", 8), ("fp8", 8), ("bf16", 5)):
+        assert choose_algorithm(codec, numel, first - 1) == "gather"
+        assert choose_algorithm(codec, numel, first) == "reduce_scatter"
+        bytes_at = {
+            n: [reduction_bytes(p, get_codec(codec), numel, 0, n) for p in ("gather", "all_reduce")]
+            for n in (first - 1, first)
+        }
+        assert bytes_at[first - 1][0] <= bytes_at[first - 1][1] and bytes_at[first][0] > bytes_at[first][1]
+    assert choose_algorithm("fp32", numel, 32) == "all_reduce"
+    assert choose_algorithm("e3m0", numel, 32, requested="gather") == "gather"
+    assert choose_algorithm("e3m0", 5, 32, exact_tail=5) == "gather"  # nothing to scatter
+    # The reduce-scatter sends about 2 (n - 1) / n of one encoded payload.
+    encoded = get_codec("e3m0").encoded_bytes(numel)
+    assert reduction_bytes("reduce_scatter", get_codec("e3m0"), numel, 0, 32) == pytest.approx(
+        2 * 31 / 32 * encoded, rel=1e-3
+    )
+    with pytest.raises(ValueError, match="unknown algorithm 'ring'"):
+        choose_algorithm("e3m0", numel, 4, requested="ring")
+
+
+def _spawn(worker: Callable[..., None], tmp_path: Path, nprocs: int = 2) -> dict:
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(str(tmp_path / "store"), results), nprocs=nprocs)
+    return dict(results)
+
+
+def _reduction_worker(rank: int, store: str, results) -> None:
+    with gloo_group(rank, store, world_size=3):
+        engine = CommEngine(dist.group.WORLD)
+        weight, values = _MASKED[rank]
+        out = {}
+        for codec, algorithm in (("fp32", "auto"), ("e3m0", "gather"), ("e3m0", "reduce_scatter")):
+            x = torch.tensor(values)
+            mean = engine.all_reduce_mean(x, codec, exact_tail=1, weight=weight, algorithm=algorithm)
+            total = engine.all_reduce_sum(x, codec, exact_tail=1, weight=weight, algorithm=algorithm)
+            out[codec, algorithm] = mean.wait().tolist(), total.wait().tolist(), mean.weights, mean.bytes_sent
+        # Values no codec holds exactly: every member gets, bit for bit, what the one-process
+        # simulation (whose error is bounded above) computes.
+        weights = [1.0, 0.0, 3.0]
+        members = [_values(1000) * (m + 1) if w else torch.full((1000,), NAN) for m, w in enumerate(weights)]
+        for algorithm in ("gather", "reduce_scatter"):
+            mean = engine.all_reduce_mean(
+                members[rank], "e3m0", exact_tail=2, weight=weights[rank], algorithm=algorithm
+            )
+            out["simulated", algorithm] = torch.equal(
+                mean.wait(), simulate_all_reduce(members, weights, "e3m0", algorithm, exact_tail=2)
+            )
+        out["nobody"] = engine.all_reduce_mean(torch.full((2,), NAN), weight=0.0).wait().tolist()
+        out["auto"] = engine.all_reduce_mean(members[rank], "e3m0", weight=weights[rank]).bytes_sent
+        out["gather"] = engine.all_gather(torch.full((2,), float(rank))).wait().tolist()
+        out["broadcast"] = engine.broadcast(torch.full((3,), float(rank)), src=2).wait().tolist()
+        out["totals"] = engine.bytes_sent, engine.bytes_received
+        results[rank] = out
+
+
+def test_weighted_means_and_sums_over_three_processes(tmp_path):
+    results = _spawn(_reduction_worker, tmp_path, nprocs=3)
+    for rank in range(3):
+        out = results[rank]
+        # fp32: 7 values and 3 weights, 2 (n - 1) / n of them each way. e3m0 gather: a row of the 6
+        # values' codes (4-byte scale + 3 bytes, padded to 8), the fp32 tail and the weight, to 2
+        # peers. Reduce-scatter: rows of one 2-value chunk (8 + 8) to 2 peers, then the reduced
+        # chunk's 5 bytes to 2 peers.
+        for key, sent in (
+            (("fp32", "auto"), 2 * 2 * 40 // 3),
+            (("e3m0", "gather"), 2 * 16),
+            (("e3m0", "reduce_scatter"), 2 * (16 + 5)),
+        ):
+            assert out[key] == (_MEAN, _SUM, [1.0, 0.0, 3.0], sent), key
+        assert out["simulated", "gather"] is True and out["simulated", "reduce_scatter"] is True
+        assert out["nobody"] == [0.0, 0.0]
+        assert out["auto"] == reduction_bytes("gather", get_codec("e3m0"), 1000, 0, 3)  # auto gathers at n = 3
+        assert out["gather"] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+        assert out["broadcast"] == [2.0, 2.0, 2.0]
+    assert results[2]["totals"][0] == results[0]["totals"][0] + 2 * 12  # the broadcast's source sends to both
 
 
 def _engine_worker(rank: int, store: str, results) -> None:
     with gloo_group(rank, store):
         engine = CommEngine(dist.group.WORLD)
         out = {}
-        # fp32 mean, in place; a ring moves 2 (n-1)/n of 4 floats each way.
-        handle = engine.all_reduce_mean(torch.tensor([1.0, 2.0, 3.0, 4.0]) * (rank + 1))
-        out["mean"] = handle.wait().tolist(), handle.bytes_sent
+        # fp32 mean of any shape; a ring moves 2 (n-1)/n of 4 floats and 2 weights each way.
+        handle = engine.all_reduce_mean(torch.tensor([[1.0, 2.0], [3.0, 4.0]]) * (rank + 1))
+        out["mean"] = handle.wait().tolist(), handle.bytes_sent, handle.weights
+        # A float64 sum stays float64 (2^40 + 1 is no fp32 number): 8 bytes a value and a weight.
+        handle = engine.all_reduce_sum(torch.tensor([2.0**40 + 1], dtype=torch.float64) * (rank + 1))
+        out["float64"] = handle.wait().dtype, handle.wait().item(), handle.bytes_sent
         # bf16 payloads averaged in fp32: 256 + 1 is not a bf16 number, 128.5 is an fp32 one.
         out["bf16"] = engine.all_reduce_mean(torch.tensor([[256.0], [1.0]][rank]), "bf16").wait().item()
-        # e3m0 payloads of 1000 values: each rank sends its 532 bytes to the other one.
+        # e3m0 payloads of 1000 values: each rank sends its 532 bytes and its weight to the other one.
         x = _values(1000) * (1 - 2 * rank)
         handle = engine.all_reduce_mean(x, "e3m0")
         out["e3m0"] = handle.wait().abs().max().item(), handle.bytes_sent
         # Odd-sized 4-bit codes with two values riding along in fp32: 1/3 is no power of two.
         ride = torch.tensor([1.0, -1.0, 0.5, 1 / 3, 100.0 * (rank + 1)])
         out["tail"] = engine.all_reduce_mean(ride, "e3m0", exact_tail=2).wait().tolist()
-        out["gather"] = engine.all_gather(torch.full((2, 3), float(rank))).wait().tolist()
-        out["broadcast"] = engine.broadcast(torch.full((3,), float(rank)), src=1).wait().tolist()
-        if rank == 0:
-            sent = engine.send(torch.arange(6, dtype=torch.int32).view(2, 3), dst=1)
-            sent.wait()
-            out["p2p"] = sent.bytes_sent
-        else:
-            received = engine.recv(src=0).wait()
-            out["p2p"] = received.dtype, received.tolist()
-        # With a link model, a handle completes no earlier than the model says.
-        slow = CommEngine(dist.group.WORLD, LinkModel.build(2, 150, 8))  # 1 MB/s
-        handle = slow.all_reduce_mean(torch.zeros(25_000))  # 100 kB: 2 * (0.15 + 0.05) = 0.4 s
-        done_at_once = handle.is_done()
-        began = time.perf_counter()
-        handle.wait()
-        out["link"] = done_at_once, handle.modelled_s, handle.elapsed_s, time.perf_counter() - began, slow.blocked_s
+        # With a link model (150 ms, 1 MB/s) a handle completes no earlier than the model says, and
+        # a second all-reduce queues behind the first on the ring links.
+        slow = CommEngine(dist.group.WORLD, LinkModel.build(2, 150, 8))
+        first, second = (slow.all_reduce_mean(torch.zeros(25_000)) for _ in range(2))
+        done_at_once = first.is_done()
+        first.wait()
+        second.wait()
+        out["link"] = (
+            done_at_once,
+            first.modelled_s,
+            second.ready_at - max(second.started_at, first.started_at + 0.250008),
+            [(h.elapsed_s >= h.modelled_s, h.finished_at >= h.ready_at) for h in (first, second)],
+            slow.blocked_s == first.blocked_s + second.blocked_s,
+        )
+        # A DDP comm hook's future sleeps out the link on the backend's thread; that counts as blocked.
+        hooked = CommEngine(dist.group.WORLD, LinkModel.build(2, 500, 0))
+        handle = hooked.all_reduce_mean(torch.full((4,), float(rank)))
+        value = handle.future().wait().tolist()
+        out["future"] = value, handle.finished_at >= handle.ready_at, hooked.blocked_s == handle.blocked_s > 0
         results[rank] = out
 
 
 def test_engine_operations_over_two_real_processes(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_engine_worker, args=(str(tmp_path / "store"), results), nprocs=2)
+    results = _spawn(_engine_worker, tmp_path)
     for rank in (0, 1):
         out = results[rank]
-        assert out["mean"] == ([1.5, 3.0, 4.5, 6.0], 16)
+        assert out["mean"] == ([[1.5, 3.0], [4.5, 6.0]], 24, [1.0, 1.0])
         assert out["bf16"] == 128.5
-        # The two regions sent exact opposites: the decoded mean is exactly zero; 532 bytes each.
-        assert out["e3m0"] == (0.0, 532)
-        assert out["gather"] == [[[0.0] * 3] * 2, [[1.0] * 3] * 2]
-        assert out["broadcast"] == [1.0, 1.0, 1.0]
+        assert out["float64"] == (torch.float64, 3 * (2.0**40 + 1), 2 * 1 * 8 * 3 // 2)
+        # The two regions sent exact opposites: the decoded mean is exactly zero; 532 + 4 bytes each.
+        assert out["e3m0"] == (0.0, 536)
         assert out["tail"] == [1.0, -1.0, 0.5, pytest.approx(1 / 3, abs=1e-7), 150.0]
-        done_at_once, modelled, elapsed, blocked, engine_blocked = out["link"]
-        assert not done_at_once
-        assert modelled == pytest.approx(0.4)
-        assert elapsed >= modelled and blocked >= modelled - 0.05
-        assert engine_blocked == pytest.approx(blocked, abs=0.01)
-    assert results[0]["p2p"] == 10 * 8 + 6 * 4  # header + body
-    assert results[1]["p2p"] == (torch.int32, [[0, 1, 2], [3, 4, 5]])
-    assert math.isclose(results[0]["link"][1], results[1]["link"][1])
+        done_at_once, modelled, second_ready, no_earlier, blocked_adds_up = out["link"]
+        # 25,000 values and 2 weights: 2 ring steps of 0.15 s + 50,004 bytes at 1 MB/s. The second
+        # all-reduce's first step waits for the first's second step to leave the link (0.250008 s).
+        assert not done_at_once and modelled == pytest.approx(2 * (0.15 + 0.050004))
+        assert second_ready == pytest.approx(2 * (0.15 + 0.050004))
+        assert no_earlier == [(True, True), (True, True)] and blocked_adds_up
+        assert out["future"] == ([0.5] * 4, True, True)
+
+
+def _p2p_worker(rank: int, store: str, results) -> None:
+    with gloo_group(rank, store):
+        engine = CommEngine(dist.group.WORLD)
+        peer, out = 1 - rank, {}
+        # Both send each other 32 MB at once and only then receive: both complete.
+        sent = engine.send(torch.full((8 * 2**20,), float(rank)), peer)
+        received = engine.recv(peer).wait(timeout=60)
+        sent.wait(timeout=60)
+        out["both ways"] = received.numel(), bool((received == peer).all()), sent.bytes_sent
+        fp8 = torch.tensor([[1.0, -0.5], [448.0, 2.0**-6]])
+        if rank == 0:
+            handles = [
+                engine.send(torch.arange(6, dtype=torch.int32).view(2, 3), 1, tag=1),
+                engine.send(torch.tensor([7.0]), 1, tag=2),
+                engine.send(fp8.to(torch.float8_e4m3fn), 1, tag=3),
+                engine.send(fp8.to(torch.float8_e5m2), 1, tag=3),
+                engine.send(_values(1000), 1, tag=4, codec="e3m0"),
+                engine.send(torch.empty(0, 3), 1, tag=5),
+            ]
+            out["sent"] = [h.wait(timeout=30) is None and h.bytes_sent for h in handles]
+        else:
+            # Posted in another order than sent; one tag carries two messages, matched in order.
+            late, early, *same_tag = (engine.recv(0, tag=t) for t in (2, 1, 3, 3))
+            coded, empty = engine.recv(0, tag=4), engine.recv(0, tag=5)
+            values = [h.wait(timeout=30) for h in (early, late, *same_tag, coded, empty)]
+            out["received"] = [(v.dtype, v.shape, v.float().tolist() if v.numel() < 10 else None) for v in values]
+            out["coded"] = torch.equal(
+                values[4], get_codec("e3m0").decode(get_codec("e3m0").encode(_values(1000)), 1000)
+            )
+            out["bytes"] = [h.bytes_received for h in (early, late, *same_tag, coded, empty)]
+        # Over the link model (150 ms, 1 MB/s) both ends model the same transfer from its send on.
+        slow = CommEngine(dist.group.WORLD, LinkModel.build(2, 150, 8))
+        handle = slow.send(torch.zeros(25_000), 1) if rank == 0 else slow.recv(0)
+        handle.wait(timeout=30)
+        out["link"] = handle.modelled_s, handle.finished_at >= handle.ready_at
+        results[rank] = out
+
+
+def test_point_to_point_over_two_real_processes(tmp_path):
+    results = _spawn(_p2p_worker, tmp_path)
+    for rank in (0, 1):
+        assert results[rank]["both ways"] == (8 * 2**20, True, 96 + 32 * 2**20)
+        # A 96-byte header and 100,000 bytes: 0.15 s + 0.100096 s.
+        assert results[rank]["link"] == (pytest.approx(0.250096), True)
+    fp8 = [[1.0, -0.5], [448.0, 2.0**-6]]
+    assert results[1]["received"] == [
+        (torch.int32, (2, 3), [[0, 1, 2], [3, 4, 5]]),
+        (torch.float32, (1,), [7.0]),
+        (torch.float8_e4m3fn, (2, 2), fp8),
+        (torch.float8_e5m2, (2, 2), fp8),
+        (torch.float32, (1000,), None),
+        (torch.float32, (0, 3), []),
+    ]
+    assert results[1]["coded"]
+    # Header + body; the e3m0 body is its encoded size.
+    assert results[0]["sent"] == results[1]["bytes"] == [96 + 24, 96 + 4, 96 + 4, 96 + 4, 96 + 532, 96]
+
+
+def _failing_worker(rank: int, store: str, results) -> None:
+    def error(wait: Callable[[], object]) -> tuple[str, float]:
+        began = time.perf_counter()
+        try:
+            wait()
+        except CommError as err:
+            return str(err), time.perf_counter() - began
+        return "no error", 0.0
+
+    with gloo_group(rank, store):
+        members = ["region 0", "region 1"]
+        engine = CommEngine(dist.group.WORLD, name="inter-region", members=members, timeout_s=0.5)
+        if rank == 1:
+            engine.recv(0, tag=9).wait(timeout=60)  # region 1 is silent until region 0 lets it go
+            os._exit(0)  # and then dies without leaving the group
+        out = {
+            "silent": error(engine.recv(1).wait),
+            "collective": error(engine.all_reduce_mean(torch.ones(3)).wait),
+            "barrier": error(engine.barrier),
+        }
+        engine.send(torch.ones(1), 1, tag=9).wait(timeout=30)
+        out["dead"] = error(lambda: engine.recv(1, tag=3).wait(timeout=30))
+        out["dead collective"] = error(lambda: engine.all_reduce_mean(torch.ones(3)).wait(timeout=30))
+        results[rank] = out
+
+
+def test_a_silent_or_dead_peer_raises_comm_error_naming_it(tmp_path):
+    out = _spawn(_failing_worker, tmp_path)[0]
+    group = "the inter-region group (region 0, region 1)"
+    assert out["silent"][0] == f"receive from region 1 on {group} (tag 0) did not complete within 0.5 s"
+    assert out["collective"][0] == f"all-reduce on {group} did not complete within 0.5 s"
+    assert out["barrier"][0] == f"barrier on {group} did not complete within 0.5 s"
+    assert out["dead"][0].startswith(f"receive from region 1 on {group} (tag 3) failed: ")
+    assert out["dead collective"][0].startswith(f"all-reduce on {group} failed: ")
+    for message, seconds in out.values():
+        assert "\n" not in message and seconds < 30

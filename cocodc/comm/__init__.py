@@ -1,5 +1,5 @@
 """The comm engine: moves tensors over a process group, counts bytes; knows no models."""
 
-from cocodc.comm.engine import CommEngine, Handle
+from cocodc.comm.engine import CommEngine, CommError, Handle
 
-__all__ = ["CommEngine", "Handle"]
+__all__ = ["CommEngine", "CommError", "Handle"]

@@ -1,10 +1,23 @@
-"""The link model: how long a transfer over the WAN takes, so that a handle completes no earlier.
+"""The link model: when a transfer over the WAN arrives, so that a handle completes no earlier.
 
 Links are one-way and per pair of group ranks: `latency_s[i][j]` and `bandwidth_Bps[i][j]` from
-rank i to rank j (0 bandwidth: unlimited). Collectives are timed as ring algorithms over ranks
-0 -> 1 -> ... -> n-1 -> 0: each ring step moves one chunk over every ring link at once and lasts as
-long as the slowest link takes; jitter adds a uniform draw from [-jitter, +jitter] to the latency
-of every step (never below zero).
+rank i to rank j (0 bandwidth: unlimited). Transfers that share a directed link queue FIFO at its
+rate: a message of B bytes handed to link (i, j) at time t starts serialising at
+max(t, busy_until(i, j)), occupies the link for B / bandwidth, and arrives latency (+ jitter)
+after it has been serialised. Jitter adds a uniform draw from [-jitter, +jitter] to the latency of
+every message (never below zero).
+
+Collectives are timed as ring algorithms over ranks 0 -> 1 -> ... -> n-1 -> 0: each ring step
+moves one chunk over every ring link at once (each queued behind what those links already carry)
+and ends when the last chunk has arrived. An all-to-all sends one chunk over every link at once.
+A broadcast is a pipeline along the ring from its source: it starts when every hop is free, takes
+every hop's latency and the payload once at the bottleneck bandwidth.
+
+Every method takes the model's clock `now` (seconds, any origin: the engine passes
+`time.perf_counter()`), reserves the links it uses and returns when the last byte has arrived.
+Each rank holds its own model and reserves in it the links of what it takes part in: every link
+a collective uses (every member runs the same collectives, so their models agree), and a
+message's one link, at the sender when it sends and at the receiver from the send's time on.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ class LinkModel:
     bandwidth_Bps: Matrix
     jitter_s: float = 0.0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
+    # The physical link each pair of ranks uses: ranks of two regions share their regions' link.
+    region_of: list[int] | None = None
+    busy_until: dict[tuple[int, int], float] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -54,12 +70,16 @@ class LinkModel:
 
     def for_ranks(self, region_of: Sequence[int]) -> LinkModel:
         """The same links seen by a group whose rank r lives in region `region_of[r]`; ranks of
-        one region talk over an unmodelled (instant) local link."""
+        one region talk over an unmodelled (instant) local link. Transfers between two regions
+        queue on their one link, whichever ranks send them."""
 
         def expand(m: Matrix) -> Matrix:
             return [[m[a][b] if a != b else 0.0 for b in region_of] for a in region_of]
 
-        return LinkModel(expand(self.latency_s), expand(self.bandwidth_Bps), self.jitter_s, self.rng)
+        regions = [self.region_of[r] if self.region_of else r for r in region_of]
+        return LinkModel(
+            expand(self.latency_s), expand(self.bandwidth_Bps), self.jitter_s, self.rng, regions, self.busy_until
+        )
 
     @property
     def size(self) -> int:
@@ -71,31 +91,54 @@ class LinkModel:
             latency = max(0.0, latency + self.rng.uniform(-self.jitter_s, self.jitter_s))
         return latency
 
-    def _serialise(self, src: int, dst: int, nbytes: float) -> float:
+    def _link(self, src: int, dst: int) -> tuple[int, int]:
+        return (self.region_of[src], self.region_of[dst]) if self.region_of else (src, dst)
+
+    def _free_at(self, src: int, dst: int, now: float) -> float:
+        if self.bandwidth_Bps[src][dst] <= 0:
+            return now
+        return max(now, self.busy_until.get(self._link(src, dst), now))
+
+    def _serialise(self, src: int, dst: int, nbytes: float, now: float) -> float:
+        """Queue `nbytes` on link src -> dst at `now`; when its last byte has left."""
         bandwidth = self.bandwidth_Bps[src][dst]
-        return nbytes / bandwidth if bandwidth > 0 else 0.0
+        if bandwidth <= 0:
+            return now
+        done = self._free_at(src, dst, now) + nbytes / bandwidth
+        self.busy_until[self._link(src, dst)] = done
+        return done
 
-    def transfer_s(self, src: int, dst: int, nbytes: float) -> float:
-        """One message from `src` to `dst`: latency (with jitter) plus serialisation."""
-        return 0.0 if src == dst else self._latency(src, dst) + self._serialise(src, dst, nbytes)
+    def transfer(self, src: int, dst: int, nbytes: float, now: float) -> float:
+        """One message from `src` to `dst` handed to the link at `now`: when it has arrived."""
+        if src == dst:
+            return now
+        return self._serialise(src, dst, nbytes, now) + self._latency(src, dst)
 
-    def ring_s(self, steps: int, chunk_bytes: float) -> float:
+    def ring(self, steps: int, chunk_bytes: float, now: float) -> float:
         """`steps` ring steps, each moving `chunk_bytes` over every link i -> i+1 at once."""
         n = self.size
-        return sum(max(self.transfer_s(i, (i + 1) % n, chunk_bytes) for i in range(n)) for _ in range(steps))
+        for _ in range(steps):
+            now = max(self.transfer(i, (i + 1) % n, chunk_bytes, now) for i in range(n))
+        return now
 
-    def all_reduce_s(self, nbytes: int) -> float:
+    def all_reduce(self, nbytes: float, now: float) -> float:
         n = self.size
-        return self.ring_s(2 * (n - 1), nbytes / n) if n > 1 else 0.0
+        return self.ring(2 * (n - 1), nbytes / n, now) if n > 1 else now
 
-    def all_gather_s(self, nbytes: int) -> float:
-        return self.ring_s(self.size - 1, nbytes)
+    def all_gather(self, nbytes: float, now: float) -> float:
+        """Every rank's `nbytes` to every other rank."""
+        return self.ring(self.size - 1, nbytes, now)
 
-    def broadcast_s(self, nbytes: int, src: int) -> float:
-        """A pipeline along the ring from `src`: every hop's latency, the payload once at the
-        bottleneck bandwidth."""
+    def all_to_all(self, nbytes: float, now: float) -> float:
+        """A chunk of `nbytes` from every rank to every other rank, over every link at once."""
+        n = self.size
+        return max([self.transfer(i, j, nbytes, now) for i in range(n) for j in range(n) if i != j], default=now)
+
+    def broadcast(self, nbytes: float, src: int, now: float) -> float:
         n = self.size
         hops = [((src + h) % n, (src + h + 1) % n) for h in range(n - 1)]
         if not hops:
-            return 0.0
-        return sum(self._latency(a, b) for a, b in hops) + max(self._serialise(a, b, nbytes) for a, b in hops)
+            return now
+        start = max(self._free_at(a, b, now) for a, b in hops)
+        serialised = max(self._serialise(a, b, nbytes, start) for a, b in hops)
+        return serialised + sum(self._latency(a, b) for a, b in hops)
