@@ -56,6 +56,10 @@ class Mode(Protocol):
 
     def global_view(self) -> contextlib.AbstractContextManager[None]: ...
 
+    def rescue_state(self) -> dict[str, Any]:
+        """What of the mode's state can be saved without the network (a peer is lost)."""
+        ...
+
 
 # ------------------------------------------------------------------ the run directory
 
@@ -240,12 +244,12 @@ class Checkpointer:
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
 
-    def rescue(self, step: int, names: list[str]) -> Path:
-        """This rank's `names` parts as they are, outside the resumable checkpoints (a peer is lost,
-        so no complete checkpoint can be written)."""
+    def rescue(self, step: int, names: list[str], extra: dict[str, Any]) -> Path:
+        """This rank's `names` parts as they are and `extra`, outside the resumable checkpoints (a
+        peer is lost, so no complete checkpoint can be written)."""
         path = self.root / "rescue" / f"rank{self.topology.rank}-step{step}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_save(path, {"step": step, **{n: self.parts[n].state_dict() for n in names}})
+        checkpoint.atomic_save(path, {"step": step, **{n: self.parts[n].state_dict() for n in names}, **extra})
         return path
 
 
@@ -316,17 +320,17 @@ class Trainer:
         try:
             return self._loop(mode, checkpointer, stop_at)
         except (CommError, Interrupted) as err:
-            raise self._rescue(checkpointer, err) from None
+            raise self._rescue(checkpointer, mode, err) from None
         except RuntimeError as err:  # a collective that DDP runs inside backward, not through an engine
             if not backend_failure(err):
                 raise
-            raise self._rescue(checkpointer, CommError(f"DDP's all-reduce failed: {first_line(err)}")) from None
+            raise self._rescue(checkpointer, mode, CommError(f"DDP's all-reduce failed: {first_line(err)}")) from None
         finally:
             self.metrics.close()
 
-    def _rescue(self, checkpointer: Checkpointer, err: Exception) -> Exception:
+    def _rescue(self, checkpointer: Checkpointer, mode: Mode, err: Exception) -> Exception:
         """Save what this rank has and say where; the error to raise in place of `err`."""
-        rescued = checkpointer.rescue(self.step, ["model", "optimizer", "data"])
+        rescued = checkpointer.rescue(self.step, ["model", "optimizer", "data"], mode.rescue_state())
         try:
             last = f"the last complete checkpoint is step {checkpoint.latest_step(checkpointer.root)}"
         except checkpoint.CheckpointError:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cocodc.metrics import read_records
 
@@ -86,8 +87,10 @@ def test_a_killed_rank_ends_the_run_with_one_line_per_rank(tmp_path):
     lines = error_lines(stderr)
     assert lines, stderr[-3000:]
     assert all(line.count("\n") == 0 for line in lines)
-    rescued = sorted(p.name for p in (run / "checkpoints" / "rescue").iterdir())
-    assert {name.split("-")[0] for name in rescued} <= {"rank0", "rank2"} and rescued
+    rescued = sorted((run / "checkpoints" / "rescue").iterdir())
+    assert {path.name.split("-")[0] for path in rescued} <= {"rank0", "rank2"} and rescued
+    state = torch.load(rescued[0], weights_only=True)
+    assert {"model", "optimizer", "data", "global_params"} <= set(state)
 
 
 needs_root = pytest.mark.skipif(

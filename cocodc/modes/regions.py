@@ -66,3 +66,7 @@ class RegionsMode:
     def global_view(self) -> contextlib.AbstractContextManager[None]:
         return self.outer.global_parameters() if self.outer is not None else contextlib.nullcontext()
 
+    def rescue_state(self) -> dict[str, Any]:
+        """The global copy as of the last applied sync: the same on every region."""
+        return {"global_params": self.outer.global_params} if self.outer is not None else {}
+
