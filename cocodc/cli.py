@@ -3,8 +3,10 @@
 `cocodc train -c X.yaml [--set k=v ...]` checks the config and the run directory, then starts
 torchrun with one process per rank on this host (or runs in place when already under torchrun).
 With `wan.emulation: netem` it brings up an emulated WAN, runs one torchrun node per region in
-the region's network namespace, and takes the network down afterwards. For several hosts, run
-torchrun yourself: `torchrun --nnodes ... -m cocodc.train -c X.yaml`.
+the region's network namespace, and takes the network down afterwards, or on SIGTERM or SIGINT.
+Nothing it starts outlives it, even when it is killed: the kernel sends its nodes, their workers
+and the network's server SIGTERM (a parent-death signal). For several hosts, run torchrun
+yourself: `torchrun --nnodes ... -m cocodc.train -c X.yaml`.
 
 `cocodc netem up|down|status` manages an emulated WAN by hand; `cocodc report RUN...` plots runs.
 """
@@ -13,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import yaml
 from torch.distributed import TCPStore
@@ -23,6 +28,20 @@ from cocodc import __version__, checkpoint, netem
 from cocodc.config import Config, ConfigError, load_config
 
 RENDEZVOUS_PORT = 29400
+# The pid of the `cocodc train` that started the workers: they end when it ends, even by SIGKILL.
+LAUNCHER_PID = "COCODC_LAUNCHER_PID"
+# The module torchrun runs: this command, which ties each worker to the launcher before training.
+WORKER = ["-m", "cocodc.cli", "train"]
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a scheduler's preemption, a Ctrl-C
+FAILED_NODE_GRACE_S = 5.0  # for a node still running after a failure and the timeout that followed it
+
+
+class Interrupted(Exception):
+    """The launcher got SIGTERM or SIGINT; its nodes have stopped and its network is down."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _under_torchrun() -> bool:
@@ -30,14 +49,16 @@ def _under_torchrun() -> bool:
 
 
 def train_command(args: list[str]) -> int:
-    from cocodc import train
+    from cocodc import train, trainer
 
     if _under_torchrun():
+        if LAUNCHER_PID in os.environ:  # torchrun's workers outlive it when it is killed
+            netem.end_with(int(os.environ[LAUNCHER_PID]))
         return train.main(args)
     options = train.build_parser().parse_args(args)
     try:
         config = load_config(options.config, options.overrides)
-        train.check_run_dir(config, options.resume, options.overwrite)
+        trainer.check_run_dir(config, options.resume, options.overwrite)
         world_size = config.topology.regions * config.topology.ranks_per_region
         if options.resume:
             root = config.run_dir / "checkpoints"
@@ -52,28 +73,67 @@ def train_command(args: list[str]) -> int:
         return train.main(args)
     # torchrun would set one thread per process and warn; share the cores out instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     if over_netem:
         try:
             return train_over_netem(config, args)
         except netem.NetemError as err:
             print(f"cocodc: error: {err}", file=sys.stderr)
             return 2
-    command = [*_torchrun(), "--standalone", f"--nproc-per-node={world_size}", "-m", "cocodc.train", *args]
+        except Interrupted as err:
+            print(
+                f"cocodc: error: interrupted by {err}; the nodes are stopped and the emulated WAN is down",
+                file=sys.stderr,
+            )
+            return 128 + err.signum
+    # This process becomes torchrun (same pid, so still the workers' launcher); its agent stops the
+    # workers on SIGTERM and SIGINT.
+    command = [*_torchrun(), "--standalone", f"--nproc-per-node={world_size}", *WORKER, *args]
     sys.stdout.flush()
     os.execv(sys.executable, command)
 
 
 def _torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run"]
+    return [sys.executable, "-c", "from cocodc.cli import torchrun; torchrun()"]
+
+
+def torchrun() -> None:
+    """torchrun, without its tracebacks: stopped by SIGTERM or SIGINT it exits 128 + the signal;
+    when a worker fails it names the first failure in one line and exits 1 (each worker has said
+    what it lost in its own `cocodc: error:` line)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    # The agent logs every worker it stops and every failure as it happens: the summary line says it.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        main()
+    except SignalException as err:
+        sys.exit(128 + err.sigval)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited {failure.exitcode}"
+        print(f"cocodc: error: rank {rank} {how} first; the run stopped", file=sys.stderr)
+        sys.exit(1)
 
 
 def train_over_netem(config: Config, args: list[str]) -> int:
-    """One torchrun node per region, each inside its namespace of a fresh emulated WAN."""
+    """One torchrun node per region, each inside its namespace of a fresh emulated WAN. On SIGTERM
+    or SIGINT it stops the nodes, takes the network down and raises Interrupted; should this
+    process be killed outright, the nodes and the network's server get SIGTERM from the kernel."""
+    received: list[int] = []  # recorded, then acted on: a handler that raised could cut the cleanup short
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda number, _frame: received.append(number))
     regions, w = config.topology.regions, config.wan
     spec = netem.NetemSpec(f"c{os.getpid()}", regions, w.latency_ms, w.bandwidth_mbps, w.jitter_ms, w.loss_pct)
-    state = netem.up(spec)
+    state = netem.up(spec, ends_with_caller=True)
     print(f"cocodc: emulated WAN {spec.name} up ({state['backend']}): {regions} regions", flush=True)
     nodes: list[subprocess.Popen] = []
+    codes: list[int] | None = None
+    store = None  # kept until the nodes have stopped: their agents use it to the end
     try:
         # The rendezvous store lives here, in region 0's namespace, rather than in one of the
         # torchrun agents: an agent hosting it exits first and leaves the others' shutdown hanging.
@@ -85,26 +145,75 @@ def train_over_netem(config: Config, args: list[str]) -> int:
             threads = max(1, (os.cpu_count() or 1) // (regions * config.topology.ranks_per_region))
             args = [*args, "--set", f"train.threads={threads}"]
         for region in range(regions):
-            node = [
-                f"--nnodes={regions}",
-                f"--nproc-per-node={config.topology.ranks_per_region}",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={netem.address(0)}:{RENDEZVOUS_PORT}",
-                f"--rdzv-id={spec.name}",
-                "--rdzv-conf=is_host=false",
-                f"--local-addr={netem.address(region)}",
-            ]
-            command = ["ip", "netns", "exec", netem.namespace(spec.name, region), *_torchrun(), *node]
-            nodes.append(subprocess.Popen([*command, "-m", "cocodc.train", *args], env=env))
-        codes = [node.wait() for node in nodes]
-        del store
+            nodes.append(_start_node(config, spec.name, region, args, env))
+        # The workers of the others notice a lost region within the timeout, then say so.
+        codes = _wait(nodes, received, grace_s=config.topology.timeout_s + 10)
     finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.terminate()
-                node.wait()
+        # Stopped by a signal, the workers get the time to save; after a failure they have had it.
+        _stop(nodes, netem.STOP_GRACE_S if codes is None else FAILED_NODE_GRACE_S)
+        del store
         netem.down(spec.name)
+    if codes is None:
+        raise Interrupted(received[0])
     return max(codes, key=abs)
+
+
+def _start_node(config: Config, name: str, region: int, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    node = [
+        f"--nnodes={config.topology.regions}",
+        f"--nproc-per-node={config.topology.ranks_per_region}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={netem.address(0)}:{RENDEZVOUS_PORT}",
+        f"--rdzv-id={name}",
+        "--rdzv-conf=is_host=false",
+        f"--local-addr={netem.address(region)}",
+    ]
+    command = ["ip", "netns", "exec", netem.namespace(name, region), *_torchrun(), *node, *WORKER, *args]
+    return subprocess.Popen(command, env=env, preexec_fn=_ending_with(os.getpid()))
+
+
+def _ending_with(launcher: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when `launcher`, its parent, ends."""
+
+    def preexec() -> None:
+        # Until exec the launcher's handlers are in place, and a death signal they caught would be lost.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        netem.end_with(launcher)
+
+    return preexec
+
+
+def _wait(nodes: list[subprocess.Popen], received: list[int], grace_s: float) -> list[int] | None:
+    """The nodes' exit codes once all have exited, or None as soon as a stop signal is received
+    (polled: a recorded signal does not end a blocking wait). Once a node has failed the others
+    get `grace_s` to end on their own; then their codes are None and `_stop` ends them (an agent
+    whose region lost its link cannot reach the rendezvous to finish)."""
+    failed_at = None
+    while not received:
+        codes = [node.poll() for node in nodes]
+        if None not in codes:
+            return codes
+        if failed_at is None and any(codes):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            return [code if code is not None else 1 for code in codes]
+        time.sleep(0.2)
+    return None
+
+
+def _stop(nodes: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM the nodes still running and wait for them; SIGKILL those that outlast the grace."""
+    for node in nodes:
+        if node.poll() is None:
+            node.terminate()
+    deadline = time.monotonic() + grace_s
+    for node in nodes:
+        try:
+            node.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
 
 
 def netem_command(args: list[str]) -> int:

@@ -11,7 +11,9 @@ backends:
   forwarder process (`serve`) that paces every packet at the link's rate, holds it for the
   link's delay (jitter drawn uniformly from [-jitter, +jitter], order kept), drops it with the
   loss probability and writes it into the destination region.
-The state of a running network is kept in /run/cocodc-netem/<name>.json.
+The state of a running network is kept in /run/cocodc-netem/<name>.json. A network brought up for
+one run (`up(..., ends_with_caller=True)`) has a server process under either backend, which the
+kernel tells when the run's process ends, even by SIGKILL, and which then takes the network down.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from cocodc.comm.wan import LinkModel
 STATE_DIR = Path("/run/cocodc-netem")
 MTU = 9000
 INTERFACE = "wan0"
+# How long a run's processes get to stop when told to, before they are killed: a torchrun agent
+# gives its workers 30 s.
+STOP_GRACE_S = 40.0
 
 
 class NetemError(RuntimeError):
@@ -82,6 +87,10 @@ def namespace(name: str, region: int) -> str:
 
 def state_path(name: str) -> Path:
     return STATE_DIR / f"{name}.json"
+
+
+def _log_path(name: str) -> Path:
+    return STATE_DIR / f"{name}.log"
 
 
 def _run(*command: str) -> None:
@@ -165,8 +174,29 @@ def _add_namespaces(spec: NetemSpec) -> None:
         _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
 
 
-def up(spec: NetemSpec, backend: str = "auto", timeout_s: float = 30.0) -> dict:
-    """Create the namespaces and links; returns the network's state (also written to its file)."""
+def _add_kernel_links(spec: NetemSpec) -> None:
+    for command in kernel_commands(spec):
+        _run(*command)
+
+
+def _add_tun_links(spec: NetemSpec) -> list[int]:
+    """One TUN device per region, moved into its namespace as wan0; returns their descriptors."""
+    fds = []
+    for region in range(spec.regions):
+        ns, device = namespace(spec.name, region), f"{spec.name}t{region}"
+        fds.append(_open_tun(device))
+        _run("ip", "link", "set", device, "netns", ns)
+        _run("ip", "-n", ns, "link", "set", device, "name", INTERFACE)
+        for command in _namespace_commands(spec, region):
+            _run(*command)
+    return fds
+
+
+def up(spec: NetemSpec, backend: str = "auto", timeout_s: float = 30.0, ends_with_caller: bool = False) -> dict:
+    """Create the namespaces and links; returns the network's state (also written to its file).
+
+    The network stays up until `down`, or with `ends_with_caller` until the calling process ends,
+    however it ends: its server process is then told by the kernel and takes the network down."""
     check_host()
     if state_path(spec.name).exists() or spec.name in _namespaces_of(spec.name):
         raise NetemError(
@@ -174,36 +204,48 @@ def up(spec: NetemSpec, backend: str = "auto", timeout_s: float = 30.0) -> dict:
         )
     if backend == "auto":
         backend = "kernel" if kernel_has_netem() else "tun"
+    if backend == "tun" and not Path("/dev/net/tun").exists():
+        raise NetemError("the kernel has no netem qdisc and /dev/net/tun is missing: no way to emulate a WAN here")
     STATE_DIR.mkdir(parents=True, exist_ok=True)
-    state = {"spec": asdict(spec), "backend": backend, "pid": None}
-    if backend == "kernel":
+    state = {"spec": asdict(spec), "backend": backend, "pid": None, "owner": os.getpid() if ends_with_caller else None}
+    if backend == "kernel" and not ends_with_caller:  # the kernel keeps it: no process needed
         try:
             _add_namespaces(spec)
-            for command in kernel_commands(spec):
-                _run(*command)
+            _add_kernel_links(spec)
         except NetemError:
             _delete_namespaces(spec.name)
             raise
         _write_state(spec.name, state)
         return state
-    if not Path("/dev/net/tun").exists():
-        raise NetemError("the kernel has no netem qdisc and /dev/net/tun is missing: no way to emulate a WAN here")
-    log = STATE_DIR / f"{spec.name}.log"
+    return _start_server(state, timeout_s)
+
+
+def _start_server(state: dict, timeout_s: float) -> dict:
+    name = state["spec"]["name"]
+    log = _log_path(name)
     with open(log, "w") as log_file:
+        # Its own session: a Ctrl-C at the terminal must not take the network from under the nodes.
         server = subprocess.Popen(
             [sys.executable, "-m", "cocodc.netem", json.dumps(state)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + timeout_s
-    while not state_path(spec.name).exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            _delete_namespaces(spec.name)
-            raise NetemError(f"the forwarder did not start: {log.read_text().strip().splitlines()[-1:] or 'timeout'}")
-        time.sleep(0.05)
-    return read_state(spec.name)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not state_path(name).exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise NetemError(
+                    f"the network server did not start: {log.read_text().strip().splitlines()[-1:] or 'timeout'}"
+                )
+            time.sleep(0.05)
+    except BaseException:  # a signal too: nothing may be left behind
+        server.kill()
+        server.wait()
+        _delete_namespaces(name)
+        state_path(name).unlink(missing_ok=True)
+        raise
+    return read_state(name)
 
 
 def _write_state(name: str, state: dict) -> None:
@@ -242,7 +284,7 @@ def down(name: str) -> bool:
                 time.sleep(0.02)
         state_path(name).unlink(missing_ok=True)
     _delete_namespaces(name)
-    (STATE_DIR / f"{name}.log").unlink(missing_ok=True)
+    _log_path(name).unlink(missing_ok=True)
     return found
 
 
@@ -306,7 +348,8 @@ def status(name: str) -> str:
     alive = state["pid"] is None or _alive(state["pid"])
     lines = [
         f"network {name}: {spec.regions} regions, backend {state['backend']}"
-        + (f", forwarder pid {state['pid']}" if state["pid"] else "")
+        + (f", server pid {state['pid']}" if state["pid"] else "")
+        + (f", ends with pid {state['owner']}" if state.get("owner") else "")
         + ("" if alive else " (NOT RUNNING)"),
         f"links: latency {spec.latency_ms} ms one-way, jitter {spec.jitter_ms} ms, "
         f"bandwidth {spec.bandwidth_mbps or 'unlimited'} Mbit/s, loss {spec.loss_pct}%",
@@ -321,12 +364,43 @@ def status(name: str) -> str:
     return "\n".join(lines)
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name; empty if there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, IndexError):
+        return []
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie, exited but not yet reaped by its parent, is not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def _lineage(pid: int) -> Iterator[int]:
+    """`pid`, its parent, and so on up to the first process."""
+    while pid > 0:
+        yield pid
+        fields = _stat(pid)
+        pid = int(fields[1]) if fields else 0
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def end_with(launcher: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent ends (the setting survives exec).
+
+    `launcher` is the parent, or an ancestor of it that started it: when it is no longer in this
+    process's lineage, the parent ended before the setting was made, and SIGTERM comes at once.
+    The signal follows the parent's thread that forked this process (callers fork from their main
+    thread), and may come more than once: the children of a dying parent pass through each of its
+    threads still alive, and get the signal at each move."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0):
+        raise NetemError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+    if launcher not in _lineage(os.getppid()):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # --- the user-space forwarder (tun backend) ---
@@ -406,27 +480,58 @@ class Forwarder:
                     self.route(key.data, packet, time.perf_counter())
 
 
+def _pids_in(name: str) -> set[int]:
+    """The processes in the network's namespaces."""
+    pids = set()
+    for ns in _namespaces_of(name):
+        listing = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+        pids |= {int(pid) for pid in listing.split()}
+    return pids
+
+
+def _emptied(name: str) -> threading.Event:
+    """Set once the network's namespaces hold no process; those left after the grace are killed."""
+    emptied = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + STOP_GRACE_S
+        while (pids := _pids_in(name)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        emptied.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return emptied
+
+
 def serve(state: dict) -> None:
-    """The forwarder process: build the TUN network, publish the state, forward until SIGTERM."""
+    """The network's process: build it, publish the state, forward packets (tun backend) until
+    SIGTERM, then take the network down. When SIGTERM came because its owner died, the processes
+    in the namespaces (the owner's, told by the kernel too) keep the network while they stop."""
     spec = NetemSpec(**state["spec"])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    owner = state["owner"]
+    if owner:
+        end_with(owner)
     try:
         _add_namespaces(spec)
-        fds = []
-        for region in range(spec.regions):
-            ns, device = namespace(spec.name, region), f"{spec.name}t{region}"
-            fds.append(_open_tun(device))
-            _run("ip", "link", "set", device, "netns", ns)
-            _run("ip", "-n", ns, "link", "set", device, "name", INTERFACE)
-            for command in _namespace_commands(spec, region):
-                _run(*command)
+        if state["backend"] == "kernel":
+            _add_kernel_links(spec)
+            carry = threading.Event.wait  # the kernel carries the packets
+        else:
+            carry = Forwarder(spec, _add_tun_links(spec)).run
         _write_state(spec.name, {**state, "pid": os.getpid()})
-        Forwarder(spec, fds).run(stop)
+        carry(stop)
+        if owner and os.getppid() != owner:
+            carry(_emptied(spec.name))
     finally:
         _delete_namespaces(spec.name)
         state_path(spec.name).unlink(missing_ok=True)
+    _log_path(spec.name).unlink(missing_ok=True)  # stopped as asked: nothing in it to keep
 
 
 if __name__ == "__main__":

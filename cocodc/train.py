@@ -71,6 +71,10 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
 
 
 def _stop_on(signum: int, _frame: object) -> None:
+    # Once: a dying launcher's death signal and torchrun's stop can both arrive, and a second
+    # interrupt must not cut the rescue or the shutdown short.
+    for other in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
 

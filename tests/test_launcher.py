@@ -1,0 +1,47 @@
+"""`cocodc train` on one host, without an emulated WAN: the launcher becomes torchrun, whose
+workers must not outlive it (the netem launcher's own tests are in test_netem.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import FAST, TINY, overrides
+
+
+def workers(run_root) -> set[int]:
+    """The processes whose arguments name the run directory: torchrun and its workers."""
+    listing = subprocess.run(["pgrep", "-f", str(run_root)], capture_output=True, text=True).stdout
+    return {int(pid) for pid in listing.split()}
+
+
+def test_workers_end_when_torchrun_is_killed(tmp_path, run_root):
+    # torchrun starts its workers in sessions of their own and sets them no death signal: killed
+    # outright, it would leave them training. The launcher's workers carry one.
+    args = overrides(*FAST, "train.steps=100000", "eval.every=0", "checkpoint.every=0", f"run.dir={run_root}")
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "cocodc.cli", "train", "-c", TINY, *args],
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not any(path.stat().st_size for path in run_root.glob("*/metrics.jsonl")):
+            assert launcher.poll() is None, err.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no training within 180 s"
+            time.sleep(0.2)
+        assert len(workers(run_root) - {launcher.pid}) == 2
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 60
+        while workers(run_root) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not workers(run_root)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        for pid in workers(run_root):
+            os.kill(pid, signal.SIGKILL)
