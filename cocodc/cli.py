@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import yaml
 from torch.distributed import TCPStore
@@ -36,7 +35,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a scheduler's preemption, a Ct
 FAILED_NODE_GRACE_S = 5.0  # for a node still running after a failure and the timeout that followed it
 
 
-class Interrupted(Exception):
+class LauncherInterrupted(Exception):
     """The launcher got SIGTERM or SIGINT; its nodes have stopped and its network is down."""
 
     def __init__(self, signum: int):
@@ -80,7 +79,7 @@ def train_command(args: list[str]) -> int:
         except netem.NetemError as err:
             print(f"cocodc: error: {err}", file=sys.stderr)
             return 2
-        except Interrupted as err:
+        except LauncherInterrupted as err:
             print(
                 f"cocodc: error: interrupted by {err}; the nodes are stopped and the emulated WAN is down",
                 file=sys.stderr,
@@ -107,6 +106,9 @@ def torchrun() -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
+    launcher = int(os.environ.get(LAUNCHER_PID, 0))
+    if launcher and launcher != os.getpid():  # a node that `cocodc train` started (not its own exec)
+        netem.end_with(launcher)
     # The agent logs every worker it stops and every failure as it happens: the summary line says it.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
@@ -122,7 +124,7 @@ def torchrun() -> None:
 
 def train_over_netem(config: Config, args: list[str]) -> int:
     """One torchrun node per region, each inside its namespace of a fresh emulated WAN. On SIGTERM
-    or SIGINT it stops the nodes, takes the network down and raises Interrupted; should this
+    or SIGINT it stops the nodes, takes the network down and raises LauncherInterrupted; should this
     process be killed outright, the nodes and the network's server get SIGTERM from the kernel."""
     received: list[int] = []  # recorded, then acted on: a handler that raised could cut the cleanup short
     for signum in STOP_SIGNALS:
@@ -154,7 +156,7 @@ def train_over_netem(config: Config, args: list[str]) -> int:
         del store
         netem.down(spec.name)
     if codes is None:
-        raise Interrupted(received[0])
+        raise LauncherInterrupted(received[0])
     return max(codes, key=abs)
 
 
@@ -169,26 +171,14 @@ def _start_node(config: Config, name: str, region: int, args: list[str], env: di
         f"--local-addr={netem.address(region)}",
     ]
     command = ["ip", "netns", "exec", netem.namespace(name, region), *_torchrun(), *node, *WORKER, *args]
-    return subprocess.Popen(command, env=env, preexec_fn=_ending_with(os.getpid()))
-
-
-def _ending_with(launcher: int) -> Callable[[], None]:
-    """A preexec_fn: the child gets SIGTERM when `launcher`, its parent, ends."""
-
-    def preexec() -> None:
-        # Until exec the launcher's handlers are in place, and a death signal they caught would be lost.
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        netem.end_with(launcher)
-
-    return preexec
+    return subprocess.Popen(command, env=env)  # the node ties itself to this process (`torchrun`)
 
 
 def _wait(nodes: list[subprocess.Popen], received: list[int], grace_s: float) -> list[int] | None:
     """The nodes' exit codes once all have exited, or None as soon as a stop signal is received
     (polled: a recorded signal does not end a blocking wait). Once a node has failed the others
-    get `grace_s` to end on their own; then their codes are None and `_stop` ends them (an agent
-    whose region lost its link cannot reach the rendezvous to finish)."""
+    get `grace_s` to end on their own; those still running then count as failed (code 1) and
+    `_stop` ends them (an agent whose region lost its link cannot reach the rendezvous to finish)."""
     failed_at = None
     while not received:
         codes = [node.poll() for node in nodes]

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,12 +325,17 @@ class Trainer:
         except RuntimeError as err:  # a collective that DDP runs inside backward, not through an engine
             if not backend_failure(err):
                 raise
-            raise self._rescue(checkpointer, mode, CommError(f"DDP's all-reduce failed: {first_line(err)}")) from None
+            lost = CommError(f"a collective inside DDP failed: {first_line(err)}")
+            raise self._rescue(checkpointer, mode, lost) from None
         finally:
             self.metrics.close()
 
     def _rescue(self, checkpointer: Checkpointer, mode: Mode, err: Exception) -> Exception:
-        """Save what this rank has and say where; the error to raise in place of `err`."""
+        """Save what this rank has and say where; the error to raise in place of `err`. The process
+        is on its way out: a stop signal (torchrun stops the other workers when one exits) must not
+        cut the rescue or the shutdown short, so they are ignored from here on."""
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, signal.SIG_IGN)
         rescued = checkpointer.rescue(self.step, ["model", "optimizer", "data"], mode.rescue_state())
         try:
             last = f"the last complete checkpoint is step {checkpoint.latest_step(checkpointer.root)}"
@@ -423,14 +429,17 @@ class Trainer:
 
 
 def backend_failure(err: RuntimeError) -> bool:
-    """Whether `err` is the backend's word that a peer is gone (gloo and NCCL raise RuntimeError)."""
+    """Whether `err` is the backend's word that a peer is gone (gloo and NCCL raise RuntimeError),
+    or an engine's CommError that a DDP hook's future wrapped in a RuntimeError."""
     return isinstance(err, dist.DistError) or any(
-        mark in str(err) for mark in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
+        mark in str(err) for mark in ("CommError: ", "gloo", "NCCL", "Connection closed by peer", "Connection reset")
     )
 
 
 def first_line(err: BaseException) -> str:
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    """The message's first line, from the engine's own words where a wrapper holds them."""
+    text = str(err).split("CommError: ", 1)[-1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
 
 
 def threads_per_rank(config: Config) -> int:

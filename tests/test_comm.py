@@ -234,6 +234,9 @@ def _engine_worker(rank: int, store: str, results) -> None:
         # A float64 sum stays float64 (2^40 + 1 is no fp32 number): 8 bytes a value and a weight.
         handle = engine.all_reduce_sum(torch.tensor([2.0**40 + 1], dtype=torch.float64) * (rank + 1))
         out["float64"] = handle.wait().dtype, handle.wait().item(), handle.bytes_sent
+        # A member of weight 0 reduces in the others' dtype although it reads nothing of its own.
+        handle = engine.all_reduce_mean(torch.tensor([2.0**40 + 1], dtype=torch.float64), weight=1.0 - rank)
+        out["float64 weight 0"] = handle.wait().dtype, handle.wait().item()
         # bf16 payloads averaged in fp32: 256 + 1 is not a bf16 number, 128.5 is an fp32 one.
         out["bf16"] = engine.all_reduce_mean(torch.tensor([[256.0], [1.0]][rank]), "bf16").wait().item()
         # e3m0 payloads of 1000 values: each rank sends its 532 bytes and its weight to the other one.
@@ -272,6 +275,7 @@ def test_engine_operations_over_two_real_processes(tmp_path):
         assert out["mean"] == ([[1.5, 3.0], [4.5, 6.0]], 24, [1.0, 1.0])
         assert out["bf16"] == 128.5
         assert out["float64"] == (torch.float64, 3 * (2.0**40 + 1), 2 * 1 * 8 * 3 // 2)
+        assert out["float64 weight 0"] == (torch.float64, 2.0**40 + 1)
         # The two regions sent exact opposites: the decoded mean is exactly zero; 532 + 4 bytes each.
         assert out["e3m0"] == (0.0, 536)
         assert out["tail"] == [1.0, -1.0, 0.5, pytest.approx(1 / 3, abs=1e-7), 150.0]

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -137,7 +137,7 @@ class Handle:
         ready_at: float,
         sent: int = 0,
         received: int = 0,
-        weights: list[float] | None = None,
+        weights: list[float] | torch.Tensor | None = None,
     ):
         self._engine, self.what, self._pending, self._finish = engine, what, pending, finish
         self._lock = threading.Lock()
@@ -148,7 +148,19 @@ class Handle:
         self.modelled_s = ready_at - started_at  # the link model's time, queueing included (0 without one)
         self.finished_at: float | None = None
         self.blocked_s = 0.0  # time spent inside wait(), or the future's sleep for the link model
-        self.weights = weights  # reductions: every member's weight, in group-rank order
+        self.weights = weights
+
+    @property
+    def weights(self) -> list[float] | None:
+        """Reductions: every member's weight, in group-rank order (read from the device on first use,
+        so that a DDP hook's reduction does not wait for the device inside backward)."""
+        if isinstance(self._weights, torch.Tensor):
+            self._weights = self._weights.tolist()
+        return self._weights
+
+    @weights.setter
+    def weights(self, weights: list[float] | torch.Tensor | None) -> None:
+        self._weights = weights
 
     @classmethod
     def completed(cls, engine: CommEngine, result: object, *, weights: list[float] | None = None) -> Handle:
@@ -223,7 +235,8 @@ class _Reduction:
     """One member's part of a weighted reduction."""
 
     codec: Codec
-    values: torch.Tensor | None  # flat fp32 on the wire's device; None at weight 0
+    values: torch.Tensor | None  # flat, in `dtype`, on the wire's device; None at weight 0
+    dtype: torch.dtype  # every member's: fp32, or float64 for an unquantized float64 tensor
     body: int  # values encoded by the codec; the `tail` after them travel in fp32
     tail: int
     weight: float
@@ -308,18 +321,19 @@ class CommEngine:
             pending.start(handle)
         return handle
 
-    def all_reduce_mean(
+    def all_reduce(
         self,
         tensor: torch.Tensor,
         codec: Codec | str = "fp32",
         *,
+        mean: bool = True,
         exact_tail: int = 0,
         weight: float = 1.0,
         algorithm: Algorithm = "auto",
     ) -> Handle:
-        """sum_m w_m x_m / sum_m w_m over the group's members m; `wait()` returns it (the shape and
-        dtype of `tensor`, on its device; zeros if every weight is 0) and `handle.weights` holds
-        every member's weight, which rode along in fp32.
+        """sum_m w_m x_m / sum_m w_m over the group's members m (with `mean`; else the sum);
+        `wait()` returns it (the shape and dtype of `tensor`, on its device; zeros if every weight
+        is 0) and `handle.weights` holds every member's weight, which rode along in fp32.
 
         A member with weight 0 takes no part: its tensor is never read (it may hold NaN). fp32
         runs one all-reduce of [w x | w at this rank's index] (in float64 for a float64 tensor).
@@ -331,30 +345,13 @@ class CommEngine:
         says which one auto takes. The last `exact_tail` values travel in fp32 whatever the codec
         (a few numbers riding along with a payload).
         """
-        return self._all_reduce(tensor, codec, exact_tail, weight, algorithm, mean=True)
-
-    def all_reduce_sum(
-        self,
-        tensor: torch.Tensor,
-        codec: Codec | str = "fp32",
-        *,
-        exact_tail: int = 0,
-        weight: float = 1.0,
-        algorithm: Algorithm = "auto",
-    ) -> Handle:
-        """sum_m w_m x_m over the group's members m; as `all_reduce_mean` otherwise."""
-        return self._all_reduce(tensor, codec, exact_tail, weight, algorithm, mean=False)
-
-    def _all_reduce(
-        self, tensor: torch.Tensor, codec: Codec | str, tail: int, weight: float, algorithm: Algorithm, mean: bool
-    ) -> Handle:
         codec = get_codec(codec) if isinstance(codec, str) else codec
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"a member's weight must be finite and >= 0, not {weight}")
-        if not 0 <= tail <= tensor.numel():
-            raise ValueError(f"exact_tail={tail} for a tensor of {tensor.numel()} values")
-        body = tensor.numel() - tail
-        path = choose_algorithm(codec, tensor.numel(), self.size, exact_tail=tail, requested=algorithm)
+        if not 0 <= exact_tail <= tensor.numel():
+            raise ValueError(f"exact_tail={exact_tail} for a tensor of {tensor.numel()} values")
+        body = tensor.numel() - exact_tail
+        path = choose_algorithm(codec, tensor.numel(), self.size, exact_tail=exact_tail, requested=algorithm)
         if path == "reduce_scatter" and not self.tagged_p2p:
             if algorithm != "auto":
                 raise ValueError(
@@ -365,7 +362,7 @@ class CommEngine:
         dtype = tensor.dtype if path == "all_reduce" and tensor.dtype == torch.float64 else torch.float32
         # A member of weight 0 never reads its tensor.
         values = tensor.detach().reshape(-1).to(self.device, dtype) if weight else None
-        job = _Reduction(codec, values, body, tail, weight, mean, tensor)
+        job = _Reduction(codec, values, dtype, body, exact_tail, weight, mean, tensor)
         if self.size == 1:
             total = (
                 values * weight if values is not None else torch.zeros(tensor.numel(), dtype=dtype, device=self.device)
@@ -374,10 +371,17 @@ class CommEngine:
         start = {"all_reduce": self._all_reduce_fp32, "gather": self._gather_mean, "reduce_scatter": self._scatter_mean}
         return start[path](job)
 
+    def all_reduce_mean(self, tensor: torch.Tensor, codec: Codec | str = "fp32", **options: Any) -> Handle:
+        """`all_reduce` with `mean=True`."""
+        return self.all_reduce(tensor, codec, mean=True, **options)
+
+    def all_reduce_sum(self, tensor: torch.Tensor, codec: Codec | str = "fp32", **options: Any) -> Handle:
+        """`all_reduce` with `mean=False`."""
+        return self.all_reduce(tensor, codec, mean=False, **options)
+
     def _all_reduce_fp32(self, job: _Reduction) -> Handle:
         numel, n = job.body + job.tail, self.size
-        dtype = job.values.dtype if job.values is not None else torch.float32
-        payload = torch.zeros(numel + n, dtype=dtype, device=self.device)
+        payload = torch.zeros(numel + n, dtype=job.dtype, device=self.device)
         if job.values is not None:
             torch.mul(job.values, job.weight, out=payload[:numel])
         payload[numel + self.rank] = job.weight
@@ -385,8 +389,8 @@ class CommEngine:
         work = dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
 
         def finish(handle: Handle) -> torch.Tensor:
-            handle.weights = payload[numel:].tolist()
-            return job.shaped(_scaled(payload[:numel], handle.weights, job.mean))
+            handle.weights = payload[numel:]
+            return job.shaped(_scaled(payload[:numel], payload[numel:], job.mean))
 
         nbytes = payload.numel() * 4
         wire = reduction_bytes("all_reduce", job.codec, numel, job.tail, n, itemsize=payload.element_size())
@@ -434,7 +438,7 @@ class CommEngine:
             return job.shaped(_assemble(codec, codes[:, :code_bytes], chunk, job.body, mine[chunk:]))
 
         def timing(link: LinkModel, now: float) -> float:
-            return link.all_gather(code_bytes, link.all_to_all(width, now))
+            return link.all_to_all(code_bytes, link.all_to_all(width, now))  # both stages go peer to peer
 
         wire = reduction_bytes("reduce_scatter", codec, job.body + job.tail, job.tail, n)
         pending = _Thread(run)
@@ -537,6 +541,10 @@ class CommEngine:
         return self._start(what, pending, lambda _: pending.value, now, 0, 0, None)
 
     def _check_peer(self, peer: int, tag: int) -> None:
+        if not self.tagged_p2p:
+            # Messages are matched by tag and their bodies posted from a thread: without tags (NCCL)
+            # they could pair up wrongly or deadlock against the main thread's collectives.
+            raise ValueError(f"point-to-point needs a backend that matches tags (gloo), not {self.backend}")
         if not 0 <= peer < self.size or peer == self.rank:
             raise ValueError(f"rank {self.rank} cannot exchange with rank {peer} in a group of {self.size}")
         if not 0 <= tag < _MAX_TAG:
@@ -673,9 +681,13 @@ def _assemble(codec: Codec, codes: Sequence[torch.Tensor], chunk: int, body: int
     return torch.cat([torch.cat([codec.decode(row, chunk) for row in codes])[:body], tail])
 
 
-def _scaled(total: torch.Tensor, weights: Sequence[float], mean: bool) -> torch.Tensor:
+def _scaled(total: torch.Tensor, weights: Sequence[float] | torch.Tensor, mean: bool) -> torch.Tensor:
+    """The sum, or the weighted mean (zeros when every weight is 0); weights on the device stay there."""
     if not mean:
         return total
+    if isinstance(weights, torch.Tensor):
+        weight = weights.sum()
+        return torch.where(weight > 0, total / weight, torch.zeros_like(total))
     weight = sum(weights)
     return total / weight if weight > 0 else torch.zeros_like(total)
 

@@ -16,8 +16,9 @@ every hop's latency and the payload once at the bottleneck bandwidth.
 Every method takes the model's clock `now` (seconds, any origin: the engine passes
 `time.perf_counter()`), reserves the links it uses and returns when the last byte has arrived.
 Each rank holds its own model and reserves in it the links of what it takes part in: every link
-a collective uses (every member runs the same collectives, so their models agree), and a
-message's one link, at the sender when it sends and at the receiver from the send's time on.
+a collective uses (every member runs the same collectives, so their queues agree; with jitter
+each rank draws its own, so their arrival times differ by it), and a message's one link, at the
+sender when it sends and at the receiver from the send's time on.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class LinkModel:
 
     def _latency(self, src: int, dst: int) -> float:
         latency = self.latency_s[src][dst]
-        if self.jitter_s:
+        if self.jitter_s and latency > 0:  # a local (unmodelled) link stays instant
             latency = max(0.0, latency + self.rng.uniform(-self.jitter_s, self.jitter_s))
         return latency
 

@@ -23,7 +23,12 @@ def wan_engine(config: Config, topology: Topology) -> CommEngine:
     ddp = config.sync.method == "ddp"
     group = topology.world_group if ddp else topology.inter_group
     region_of = [r // topology.ranks_per_region for r in range(topology.world_size)] if ddp else None
-    members = [f"region {m}" for m in region_of or range(topology.regions)]
+    per_region = topology.ranks_per_region
+    members = (
+        [f"region {r // per_region} rank {r % per_region}" for r in range(topology.world_size)]
+        if ddp and per_region > 1
+        else [f"region {m}" for m in range(topology.regions)]
+    )
     name = "world" if ddp else "inter-region"
     w, link = config.wan, None
     if w.enabled and w.emulation == "model":
