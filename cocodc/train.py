@@ -68,6 +68,7 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
     intra = CommEngine(topology.intra_group, name=f"region {topology.region}", timeout_s=timeout)
     trainer = Trainer(config, topology, world, intra, data, model, start_step)
     trainer.run(RegionsMode(config, topology, model, intra), state, stop_at)
+    setup.barrier()  # torn down together: a group destroyed while a peer still talks to it can abort
 
 
 def _stop_on(signum: int, _frame: object) -> None:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -32,11 +33,16 @@ def cocodc(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedP
 
 
 @contextmanager
-def gloo_group(rank: int, store: str, world_size: int = 2) -> Iterator[None]:
-    """This spawned process's membership of a real gloo group, rendezvous through a file."""
+def gloo_group(rank: int, store: str, world_size: int = 2, together: bool = True) -> Iterator[None]:
+    """This spawned process's membership of a real gloo group, rendezvous through a file. With
+    `together`, the group is torn down together: a process that destroys its group while a peer
+    still talks to it can abort (seen once on a loaded machine); bounded, so one failed worker hangs
+    no one. A test whose peers die on purpose passes False."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         yield
+        if together:
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
     finally:
         dist.destroy_process_group()
 

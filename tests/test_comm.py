@@ -355,7 +355,7 @@ def _failing_worker(rank: int, store: str, results) -> None:
             return str(err), time.perf_counter() - began
         return "no error", 0.0
 
-    with gloo_group(rank, store):
+    with gloo_group(rank, store, together=False):
         members = ["region 0", "region 1"]
         engine = CommEngine(dist.group.WORLD, name="inter-region", members=members, timeout_s=0.5)
         if rank == 1:
