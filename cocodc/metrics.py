@@ -158,12 +158,21 @@ class Metrics:
         """A mode's own records (`sync`, `decision`, ...), tagged with the region."""
         for record in records:
             self._write({**record, "region": self.region})
-            if self.wandb is not None and record["kind"] == "sync":
+            if record["kind"] != "sync":
+                continue
+            if record["excluded"]:
+                self.print(
+                    f"sync  step {record['step']:>6} | fragment {record['fragment']}: the update of region(s) "
+                    f"{', '.join(map(str, record['excluded']))} is not finite and was left out of the mean"
+                )
+            if self.wandb is not None:
+                # A list does not chart: wandb gets how many regions were left out.
+                values = {k: len(v) if isinstance(v, list) else v for k, v in record.items()}
                 self.wandb.log(
                     {
                         "outer_step": record["outer_step"],
                         "inner_step": record["step"],
-                        **{f"sync/{k}": v for k, v in record.items() if k not in ("kind", "outer_step", "step")},
+                        **{f"sync/{k}": v for k, v in values.items() if k not in ("kind", "outer_step", "step")},
                     }
                 )
 
