@@ -436,3 +436,23 @@ def test_adaptive_cocodc_on_cuda_resumes_from_a_cpu_checkpoint():
     _cuda_steps(resumed, model, range(6, 13))
     resumed.finish()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_attach_counts_the_optimizer_steps_that_update():
+    # The hook rides on the torch optimizer: a wrapper holding it as `.optimizer` (accelerate's) is
+    # seen through, and a step that GradScaler skips for inf gradients is not an inner step.
+    module = scalar_module(1.0)
+    outer = OuterSync(module, SyncConfig(method="diloco", sync_every=100), CommEngine(None))
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    wrapper = type("Wrapped", (), {"optimizer": optimizer})()
+    hook = outer.attach(wrapper)
+    scaler = torch.amp.GradScaler("cpu")
+    for value in (1.0, float("inf"), 2.0):
+        optimizer.zero_grad()
+        scaler.scale(module(torch.tensor([[value]])).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert outer.inner_step == 2
+    hook.remove()
+    optimizer.step()
+    assert outer.inner_step == 2

@@ -271,7 +271,8 @@ class CommEngine:
         self.name = name
         self.link = link
         self.timeout_s = timeout_s
-        self.backend = dist.get_backend(group) if group is not None else "gloo"
+        # "cpu:gloo", "cuda:nccl", or both (a group made with no backend named, as accelerate does).
+        self.backend = dist.get_backend_config(group) if group is not None else "gloo"
         self.tagged_p2p = "gloo" in self.backend
         # Where tensors travel: gloo moves CPU tensors, NCCL CUDA ones.
         self.device = torch.device("cpu") if self.tagged_p2p else torch.device("cuda", torch.cuda.current_device())

@@ -101,6 +101,15 @@ class OuterSync:
         self._drained: set[int] = set()  # slots that finish() applied before their apply step
         self._records: list[dict[str, Any]] = []
 
+    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Run `step()` after every real step of the inner `optimizer` (a post-step hook); returns
+        the hook's handle (`.remove()` detaches it). A wrapper that holds the torch optimizer as
+        `.optimizer` (accelerate's) is seen through: a step it skips (gradient accumulation
+        between boundaries, an AMP step with inf gradients) never reaches the torch optimizer, so
+        it is not counted."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return inner.register_step_post_hook(lambda *_: self.step())
+
     def step(self) -> None:
         """Account for one inner step just taken; send and apply what the schedule says."""
         self.inner_step += 1
