@@ -81,9 +81,10 @@ def init_topology(config: Config) -> Topology:
             os.environ.setdefault("RANK", "0")
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
     rank = dist.get_rank()
-    # The engine's own deadline (topology.timeout_s, from the start of a wait) must fire first: NCCL's
-    # watchdog, counting from when the work was queued, tears the process down without a word.
-    timeout = timedelta(seconds=config.topology.timeout_s * (2 if backend == "nccl" else 1))
+    # The engine's own deadline (topology.timeout_s from the start of a wait) is to fire first, with
+    # its clear message: the backend's counts from when the work was queued (and NCCL's watchdog
+    # tears the process down without a word). Collectives run outside an engine (DDP's) get 2x.
+    timeout = timedelta(seconds=2 * config.topology.timeout_s)
     # Every rank must create every group, in the same order.
     world = dist.new_group(list(range(world_size)), timeout=timeout)
     intra = [dist.new_group([m * per_region + i for i in range(per_region)], timeout=timeout) for m in range(regions)]

@@ -123,6 +123,9 @@ def test_a_silent_region_is_noticed_within_the_timeout(tmp_path):
         subprocess.run([sys.executable, "-m", "cocodc.cli", "netem", "down", "--name", f"c{launcher.pid}"],
                        capture_output=True)  # fmt: skip
     lines = error_lines(stderr)
-    assert any("did not complete within" in line for line in lines), stderr[-3000:]
+    # The engine's deadline says "did not complete within"; gloo's own timeout, should it come
+    # first on a loaded machine, "Timed out": both name the group.
+    assert lines and all(" group " in line for line in lines[:-1]), stderr[-3000:]
+    assert any("did not complete within" in line or "Timed out" in line for line in lines), stderr[-3000:]
     assert namespaces() == before
     assert sorted(p.name.split("-")[0] for p in (run / "checkpoints" / "rescue").iterdir()) == ["rank0", "rank1"]
