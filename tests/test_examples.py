@@ -1,20 +1,23 @@
-"""The example of a user's own loop, run as a user runs it: torchrun, two processes, gloo."""
+"""The examples of a user's own loop, run as a user runs them: two processes, gloo. The accelerate
+example runs under torchrun: on a machine without a GPU, accelerate 1.15's own launcher starts a
+single process (see the example's docstring)."""
 
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
 
-EXAMPLE = REPO / "examples" / "plain_torch.py"
+EXAMPLES = {"plain": REPO / "examples" / "plain_torch.py", "accelerate": REPO / "examples" / "accelerate_loop.py"}
 
 
-def launch(out, *args: str) -> list[dict]:
+def launch(example: str, out, *args: str) -> list[dict]:
     """Run the example; every region's final summary and global copy (none when it stopped early)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(EXAMPLE), "--out", str(out), *args]  # fmt: skip
+               str(EXAMPLES[example]), "--out", str(out), *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -22,14 +25,21 @@ def launch(out, *args: str) -> list[dict]:
     return [torch.load(path, weights_only=True) for path in finals if path.exists()]
 
 
-def test_own_loop_trains_syncs_and_resumes_bit_identically(tmp_path):
-    full = launch(tmp_path / "full")
+@pytest.mark.parametrize("example", ["plain", "accelerate"])
+def test_own_loop_trains_syncs_and_resumes_bit_identically(tmp_path, example):
+    full = launch(example, tmp_path / "full")
     assert [r["summary"]["inner_steps"] for r in full] == [48, 48]
     assert full[0]["summary"]["final_eval_loss"] < full[0]["summary"]["initial_eval_loss"] - 1.0
     assert all(torch.equal(a, b) for a, b in zip(full[0]["global"], full[1]["global"], strict=True))
 
-    assert launch(tmp_path / "split", "--stop-at", "19") == []  # fragment 0 in flight (sent at 18)
-    resumed = launch(tmp_path / "split", "--resume")
+    assert launch(example, tmp_path / "split", "--stop-at", "19") == []  # fragment 0 in flight (sent at 18)
+    resumed = launch(example, tmp_path / "split", "--resume")
     for a, b in zip(full, resumed, strict=True):
         assert a["summary"]["final_eval_loss"] == b["summary"]["final_eval_loss"]
         assert all(torch.equal(x, y) for x, y in zip(a["global"], b["global"], strict=True))
+
+
+def test_accumulated_micro_batches_count_one_inner_step(tmp_path):
+    # 4 micro-batches per optimizer step: 12 optimizer steps read 48 batches and are 12 inner steps.
+    for region in launch("accelerate", tmp_path, "--steps", "12", "--accumulate", "4"):
+        assert region["summary"]["inner_steps"] == 12 and region["summary"]["batches_read"] == 48
