@@ -18,7 +18,7 @@ import torch
 from cocodc.config import load_config
 from cocodc.model import Transformer, lm_loss
 from cocodc.topology import pick_device
-from cocodc.train import inner_optimizer
+from cocodc.trainer import inner_optimizer
 
 
 def measure(config_path: str, steps: int, threads: int) -> dict:
