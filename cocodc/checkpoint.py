@@ -43,6 +43,12 @@ RESUME_KEYS = (
     "train.seq_len",
     "train.batch_size",
     "seed",
+    "federated.clients",
+    "federated.clients_per_round",
+    "federated.executors",
+    "federated.strategy",
+    "federated.lora_rank",
+    "federated.init_from",
 )
 
 

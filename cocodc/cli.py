@@ -58,7 +58,7 @@ def train_command(args: list[str]) -> int:
     try:
         config = load_config(options.config, options.overrides)
         trainer.check_run_dir(config, options.resume, options.overwrite)
-        world_size = config.topology.regions * config.topology.ranks_per_region
+        world_size = config.world_size
         if options.resume:
             root = config.run_dir / "checkpoints"
             checkpoint.check_compatible(root, checkpoint.latest_step(root), config, world_size)

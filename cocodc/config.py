@@ -154,6 +154,38 @@ class CheckpointConfig:
 
 
 @dataclass
+class FederatedConfig:
+    """`mode: federated`: a server (rank 0) and `executors` processes hosting `clients` virtual clients."""
+
+    clients: int = 20  # N
+    clients_per_round: int = 5  # K, sampled without replacement; every client equally often
+    rounds: int = 30
+    local_steps: int = 10  # AdamW steps of a client per round (a fresh optimizer every round)
+    executors: int = 2  # processes that train the sampled clients, dealt round-robin
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    # The server optimizer of fedadam/fedyogi/fedadagrad; unset: Flower's default for the strategy.
+    server_lr: float | None = None
+    server_beta1: float | None = None
+    server_beta2: float | None = None
+    server_tau: float | None = None
+    proximal_mu: float = 0.0  # fedprox: mu / 2 ||w - w_global||^2 in the client loss
+    quantize: Literal["fp32", "bf16", "fp8", "int8", "e3m0"] = "fp32"  # the uploaded updates
+    deadline_s: float = 0.0  # modelled seconds; an update arriving later is dropped. 0: no deadline
+    lora_rank: int = 0  # 0: the whole model trains and travels; r: LoRA adapters of rank r only
+    lora_alpha: float | None = None  # unset: 2 x lora_rank
+    init_from: str = ""  # a checkpoint file (or a run directory) whose model to start from
+    # Heterogeneous clients, drawn once from the seed: each value is log-uniform over
+    # [median / sqrt(spread), median * sqrt(spread)] (spread 1: every client alike).
+    step_s: float = 0.1  # modelled seconds of one local step on the median client
+    speed_spread: float = 1.0
+    bandwidth_mbps: float = 0.0  # the median client's link, each way; 0: unlimited
+    bandwidth_spread: float = 1.0
+    latency_ms: float = 0.0  # the median client's one-way latency
+    latency_spread: float = 1.0
+    server_bandwidth_mbps: float = 0.0  # the server's link, shared by every client; 0: unlimited
+
+
+@dataclass
 class Config:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -165,12 +197,31 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     wan: WanConfig = field(default_factory=WanConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mode: Literal["regions"] = "regions"
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    mode: Literal["regions", "federated"] = "regions"
     seed: int = 0
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) / self.run.name
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(groups, ranks per group) of the torchrun job: regions x ranks, or the federated server
+        and executors as groups of one."""
+        if self.mode == "federated":
+            return 1 + self.federated.executors, 1
+        return self.topology.regions, self.topology.ranks_per_region
+
+    @property
+    def world_size(self) -> int:
+        groups, per_group = self.shape
+        return groups * per_group
+
+    @property
+    def steps(self) -> int:
+        """The training loop's length: inner steps, or federated rounds."""
+        return self.federated.rounds if self.mode == "federated" else self.train.steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -383,6 +434,8 @@ def validate(config: Config) -> None:
                 "a fragment is a group of blocks"
             )
     _validate_wan(config)
+    if config.mode == "federated":
+        _validate_federated(config)
     if d.split == "non_iid" and d.source.startswith("hf:"):
         raise ConfigError("data.split non_iid needs a local corpus with domains; hub streams ('hf:') are iid")
     name = config.run.name
@@ -409,3 +462,66 @@ def _validate_wan(config: Config) -> None:
         LinkModel.build(config.topology.regions, w.latency_ms, w.bandwidth_mbps, w.jitter_ms)
     except ValueError as err:
         raise ConfigError(f"config key {err}") from None
+
+
+def _validate_federated(config: Config) -> None:
+    f = config.federated
+    at_least_one = {
+        "federated.clients": f.clients,
+        "federated.clients_per_round": f.clients_per_round,
+        "federated.rounds": f.rounds,
+        "federated.local_steps": f.local_steps,
+        "federated.executors": f.executors,
+    }
+    for key, value in at_least_one.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1; got {value}")
+    if f.clients_per_round > f.clients:
+        raise ConfigError(
+            f"config key 'federated.clients_per_round' ({f.clients_per_round}) cannot exceed "
+            f"federated.clients ({f.clients})"
+        )
+    non_negative = {
+        "federated.proximal_mu": f.proximal_mu,
+        "federated.deadline_s": f.deadline_s,
+        "federated.lora_rank": f.lora_rank,
+        "federated.step_s": f.step_s,
+        "federated.bandwidth_mbps": f.bandwidth_mbps,
+        "federated.latency_ms": f.latency_ms,
+        "federated.server_bandwidth_mbps": f.server_bandwidth_mbps,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must not be negative; got {value}")
+    for key in ("speed_spread", "bandwidth_spread", "latency_spread"):
+        if getattr(f, key) < 1:
+            raise ConfigError(
+                f"config key 'federated.{key}' is a ratio of fastest to slowest, at least 1; got {getattr(f, key)}"
+            )
+    if f.strategy == "fedprox" and f.proximal_mu == 0:
+        raise ConfigError("federated.strategy fedprox needs a positive federated.proximal_mu")
+    if f.proximal_mu and f.strategy != "fedprox":
+        raise ConfigError(f"federated.proximal_mu is fedprox's term; federated.strategy is {f.strategy}")
+    server_keys = ("server_lr", "server_beta1", "server_beta2", "server_tau")
+    if f.strategy in ("fedavg", "fedprox"):
+        given = [k for k in server_keys if getattr(f, k) is not None]
+        if given:
+            raise ConfigError(f"federated.{given[0]} sets a server optimizer; federated.strategy {f.strategy} has none")
+    if f.server_lr is not None and f.server_lr <= 0:
+        raise ConfigError(f"config key 'federated.server_lr' must be positive; got {f.server_lr}")
+    for key in ("server_beta1", "server_beta2"):
+        value = getattr(f, key)
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"config key 'federated.{key}' must lie in [0, 1); got {value}")
+    if f.server_tau is not None and f.server_tau <= 0:
+        raise ConfigError(f"config key 'federated.server_tau' must be positive; got {f.server_tau}")
+    if f.lora_alpha is not None and not f.lora_rank:
+        raise ConfigError("federated.lora_alpha needs a positive federated.lora_rank")
+    if f.lora_rank and not f.init_from:
+        raise ConfigError("federated.lora_rank fine-tunes a trained model: set federated.init_from to its checkpoint")
+    if f.init_from and not Path(f.init_from).exists():
+        raise ConfigError(f"federated.init_from: no such checkpoint file or run directory: {f.init_from}")
+    if config.wan.enabled:
+        raise ConfigError("the wan section links regions; the federated mode's links are federated.bandwidth_mbps etc.")
+    if config.data.source.startswith("hf:"):
+        raise ConfigError("mode federated deals a local corpus's domains to clients; 'hf:' streams are not supported")

@@ -194,13 +194,16 @@ def region_shards(
 
 
 class ShardLoader:
-    """Batches from one rank's share of a corpus; reshuffled every epoch; resumable mid-epoch."""
+    """Batches from one rank's (or client's) share of a corpus; reshuffled every epoch; resumable
+    mid-epoch."""
 
-    def __init__(self, sequences: np.ndarray, indices: np.ndarray, batch_size: int, seed: list[int]):
+    def __init__(
+        self, sequences: np.ndarray, indices: np.ndarray, batch_size: int, seed: list[int], owner: str = "a rank"
+    ):
         if len(indices) < batch_size:
             raise ConfigError(
-                f"a rank's data shard holds {len(indices)} sequences, fewer than train.batch_size "
-                f"({batch_size}); use more data, fewer regions or, for non_iid, a larger data.dirichlet_alpha"
+                f"{owner}'s data shard holds {len(indices)} sequences, fewer than train.batch_size "
+                f"({batch_size}); use more data, fewer shards or, for non_iid, a larger data.dirichlet_alpha"
             )
         self.sequences, self.indices, self.batch_size, self.seed = sequences, indices, batch_size, seed
         self.epoch, self.position = 0, 0
@@ -307,7 +310,7 @@ def eval_batches(eval_sequences: np.ndarray, batches: int, batch_size: int, seed
 
 @dataclass
 class RankData:
-    loader: ShardLoader | StreamLoader
+    loader: ShardLoader | StreamLoader | ClientShards
     eval_batches: list[torch.Tensor]
 
 
@@ -345,3 +348,54 @@ def load_rank_data(
     mine = shards[rank // ranks_per_region][rank % ranks_per_region :: ranks_per_region]
     loader = ShardLoader(corpus.sequences, mine, batch_size, seed=[seed, rank])
     return RankData(loader, eval_batches(corpus.eval_sequences, eval_batch_count, batch_size, seed))
+
+
+# ------------------------------------------------------------------------- federated clients
+
+
+class ClientShards:
+    """Every federated client's disjoint shard of a local corpus (dealt like regions' shards), and
+    how many batches each has drawn: a client's next round continues its own epoch order."""
+
+    def __init__(self, sequences: np.ndarray, shards: list[np.ndarray], batch_size: int, seed: int):
+        self.sequences, self.shards, self.batch_size, self.seed = sequences, shards, batch_size, seed
+        self.batches_done = [0] * len(shards)
+        for client, shard in enumerate(shards):
+            if len(shard) < batch_size:
+                ShardLoader(sequences, shard, batch_size, [seed, client], owner=f"federated client {client}")
+
+    def examples(self, client: int) -> int:
+        """The sequences in the client's shard: its weight in FedAvg."""
+        return len(self.shards[client])
+
+    def loader(self, client: int) -> ShardLoader:
+        """The client's loader, where its last round left it."""
+        loader = ShardLoader(self.sequences, self.shards[client], self.batch_size, [self.seed, 0xC1, client])
+        per_epoch = len(self.shards[client]) // self.batch_size
+        done = self.batches_done[client]
+        loader.load_state_dict({"epoch": done // per_epoch, "position": (done % per_epoch) * self.batch_size})
+        return loader
+
+    def state_dict(self) -> dict[str, list[int]]:
+        return {"batches_done": list(self.batches_done)}
+
+    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+        self.batches_done = [int(n) for n in state["batches_done"]]
+
+
+def load_client_data(
+    config: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    clients: int,
+    seed: int,
+    batch_size: int,
+    seq_len: int,
+    eval_batch_count: int,
+) -> tuple[ClientShards, list[torch.Tensor]]:
+    """The clients' shards (non_iid: the corpus's domains dealt by Dirichlet(data.dirichlet_alpha))
+    and the shared eval set."""
+    corpus = build_corpus(load_domains(config), tokenizer, seq_len, config.eval_fraction)
+    shards = region_shards(corpus.sequence_domain, clients, config.split, config.dirichlet_alpha, seed)
+    evals = eval_batches(corpus.eval_sequences, eval_batch_count, batch_size, seed)
+    return ClientShards(corpus.sequences, shards, batch_size, seed), evals

@@ -58,12 +58,12 @@ def _duration(seconds: float) -> str:
 class Console:
     """A progress bar on a terminal; a plain line every tenth of the run anywhere else."""
 
-    def __init__(self, total_steps: int, start_step: int):
-        self.total, self.start = total_steps, start_step
+    def __init__(self, total_steps: int, start_step: int, unit: str = "step"):
+        self.total, self.start, self.unit = total_steps, start_step, unit
         self.every = max(1, total_steps // 10)
         self.started = time.perf_counter()
         self.bar = (
-            tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+            tqdm(total=total_steps, initial=start_step, unit=unit, dynamic_ncols=True, file=sys.stderr)
             if sys.stderr.isatty()
             else None
         )
@@ -75,9 +75,8 @@ class Console:
         elif step % self.every == 0 or step == self.total:
             done = step - self.start
             eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
-            self.print(
-                f"step {step}/{self.total} | loss {loss:.4f} | {tokens_per_s / 1e3:.1f}k tok/s | eta {_duration(eta)}"
-            )
+            rate = f"{tokens_per_s / 1e3:.1f}k tok/s"
+            self.print(f"{self.unit} {step}/{self.total} | loss {loss:.4f} | {rate} | eta {_duration(eta)}")
 
     def print(self, line: str) -> None:
         if self.bar is not None:
@@ -96,7 +95,9 @@ class Metrics:
         self.run_dir = config.run_dir
         leads = topology.is_region_leader
         self.jsonl = open(self.path(self.run_dir, self.region), "a") if leads else None  # noqa: SIM115
-        self.console = Console(config.train.steps, start_step) if self.is_leader else None
+        # The loop's step: an inner step, or a federated round (the x axis on the dashboard too).
+        self.unit, self.axis = ("round", "round") if config.mode == "federated" else ("step", "inner_step")
+        self.console = Console(config.steps, start_step, self.unit) if self.is_leader else None
         self.wandb = _start_wandb(config, self.region) if leads and config.wandb.mode != "disabled" else None
 
     @staticmethod
@@ -131,7 +132,7 @@ class Metrics:
         if self.wandb is not None:
             self.wandb.log(
                 {
-                    "inner_step": step,
+                    self.axis: step,
                     "train/loss": loss,
                     "train/lr": lr,
                     "train/step_s": step_s,
@@ -150,14 +151,16 @@ class Metrics:
         self._write(record)
         if self.wandb is not None:
             prefix = "eval" if scope == "global" else "eval_region"
-            self.wandb.log({"inner_step": step, f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(loss)})
+            self.wandb.log({self.axis: step, f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(loss)})
         if self.console is not None:
-            self.console.print(f"eval  step {step:>6} | {scope} loss {loss:.4f} | ppl {math.exp(loss):.2f}")
+            self.console.print(f"eval  {self.unit} {step:>6} | {scope} loss {loss:.4f} | ppl {math.exp(loss):.2f}")
 
     def records(self, records: list[dict[str, Any]]) -> None:
         """A mode's own records (`sync`, `decision`, ...), tagged with the region."""
         for record in records:
             self._write({**record, "region": self.region})
+            if record["kind"] == "round":
+                self._round(record)
             if record["kind"] != "sync":
                 continue
             if record["excluded"]:
@@ -175,6 +178,18 @@ class Metrics:
                         **{f"sync/{k}": v for k, v in values.items() if k not in ("kind", "outer_step", "step")},
                     }
                 )
+
+    def _round(self, record: dict[str, Any]) -> None:
+        """A federated round's record: a console line for every client left out, counts to wandb."""
+        reasons = {"late": "arrived after the deadline", "failed": "failed", "not_finite": "sent a non-finite update"}
+        for key, why in reasons.items():
+            if record[key]:
+                clients = ", ".join(map(str, record[key]))
+                self.print(f"round {record['round']:>5} | client(s) {clients} {why}: left out of the aggregate")
+        if self.wandb is not None:
+            values = {k: len(v) if isinstance(v, list) else v for k, v in record.items()}
+            charted = {f"round/{k}": v for k, v in values.items() if k not in ("round", "kind")}
+            self.wandb.log({"round": record["round"], **charted})
 
     def summary(self, summary: dict[str, Any]) -> None:
         if self.is_leader:
@@ -218,9 +233,11 @@ def _start_wandb(config: Config, region: int) -> Any:
         config={**config.to_dict(), "region": region},
         settings=wandb.Settings(console="off", quiet=True),
     )
-    run.define_metric("inner_step")
+    axis = "round" if config.mode == "federated" else "inner_step"
+    run.define_metric(axis)
     run.define_metric("outer_step")
     for prefix in ("train", "eval", "eval_region"):
-        run.define_metric(f"{prefix}/*", step_metric="inner_step")
+        run.define_metric(f"{prefix}/*", step_metric=axis)
     run.define_metric("sync/*", step_metric="outer_step")
+    run.define_metric("round/*", step_metric="round")
     return run

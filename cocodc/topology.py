@@ -61,13 +61,15 @@ def pick_device(config: Config) -> torch.device:
 
 def init_topology(config: Config) -> Topology:
     """Join the torchrun job (or a one-process job outside torchrun) and build the groups."""
-    regions, per_region = config.topology.regions, config.topology.ranks_per_region
+    regions, per_region = config.shape
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size != regions * per_region:
-        raise ConfigError(
-            f"topology.regions x topology.ranks_per_region = {regions} x {per_region} = "
-            f"{regions * per_region}, but {world_size} processes were started"
+    if world_size != config.world_size:
+        wanted = (
+            f"1 server + federated.executors ({config.federated.executors})"
+            if config.mode == "federated"
+            else f"topology.regions x topology.ranks_per_region = {regions} x {per_region}"
         )
+        raise ConfigError(f"{wanted} = {config.world_size} processes, but {world_size} were started")
     device = pick_device(config)
     backend = config.topology.backend
     if backend == "auto":

@@ -10,15 +10,17 @@ import signal
 import sys
 
 import torch
+from torch import nn
 
 from cocodc import checkpoint
 from cocodc.comm import CommEngine, CommError
 from cocodc.config import Config, ConfigError, load_config
-from cocodc.data import load_rank_data
+from cocodc.data import RankData, load_client_data, load_rank_data
 from cocodc.model import Transformer
+from cocodc.modes.federated import FederatedMode, load_initial_model
 from cocodc.modes.regions import RegionsMode
 from cocodc.topology import init_topology, shutdown
-from cocodc.trainer import Interrupted, Trainer, build_tokenizer, open_run, threads_per_rank
+from cocodc.trainer import Interrupted, Mode, Trainer, build_tokenizer, open_run, threads_per_rank
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,25 +52,46 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
     setup = CommEngine(topology.setup_group, name="setup")
     start_step, state = open_run(config, topology, setup, resume=resume, overwrite=overwrite, stop_at=stop_at)
     tokenizer = build_tokenizer(config, topology, setup)
-    data = load_rank_data(
-        config.data,
-        tokenizer,
-        seed=config.seed,
-        batch_size=config.train.batch_size,
-        seq_len=config.train.seq_len,
-        eval_batch_count=config.eval.batches,
-        regions=topology.regions,
-        ranks_per_region=topology.ranks_per_region,
-        rank=topology.rank,
-    )
-    torch.manual_seed(config.seed)
-    model = Transformer(config.model, tokenizer.vocab_size, config.train.seq_len).to(topology.device)
+    model = build_model(config, tokenizer.vocab_size, topology.device)
     timeout = config.topology.timeout_s
     world = CommEngine(topology.world_group, name="world", timeout_s=timeout)
     intra = CommEngine(topology.intra_group, name=f"region {topology.region}", timeout_s=timeout)
+    data_args = dict(seed=config.seed, batch_size=config.train.batch_size, seq_len=config.train.seq_len)
+    mode: Mode
+    if config.mode == "federated":
+        shards, evals = load_client_data(
+            config.data, tokenizer, clients=config.federated.clients, eval_batch_count=config.eval.batches, **data_args
+        )
+        data = RankData(shards, evals)
+        mode = FederatedMode(config, topology, model, shards)
+    else:
+        data = load_rank_data(
+            config.data,
+            tokenizer,
+            eval_batch_count=config.eval.batches,
+            regions=topology.regions,
+            ranks_per_region=topology.ranks_per_region,
+            rank=topology.rank,
+            **data_args,
+        )
+        mode = RegionsMode(config, topology, model, intra)
     trainer = Trainer(config, topology, world, intra, data, model, start_step)
-    trainer.run(RegionsMode(config, topology, model, intra), state, stop_at)
+    trainer.run(mode, state, stop_at)
     setup.barrier()  # torn down together: a group destroyed while a peer still talks to it can abort
+
+
+def build_model(config: Config, vocab_size: int, device: torch.device) -> nn.Module:
+    """The seeded model (the same on every rank); federated: from federated.init_from, with LoRA."""
+    torch.manual_seed(config.seed)
+    model = Transformer(config.model, vocab_size, config.train.seq_len)
+    f = config.federated
+    if config.mode == "federated" and f.init_from:
+        load_initial_model(model, f.init_from)
+    if config.mode == "federated" and f.lora_rank:
+        from cocodc.federated.lora import add_lora  # peft imports transformers: seconds, only when asked
+
+        model = add_lora(model, f.lora_rank, f.lora_alpha)
+    return model.to(device)
 
 
 def _stop_on(signum: int, _frame: object) -> None:

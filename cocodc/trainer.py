@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +52,10 @@ class Mode(Protocol):
     parts: dict[str, Stateful]  # the mode's state, saved in this order after the model and optimizer
     keeps_region_copies: bool  # regions hold their own parameters (eval.per_region is meaningful)
 
+    def step(self, trainer: Trainer) -> tuple[float, float]:
+        """One step of the loop (an inner step, or a federated round): its loss and compute time."""
+        ...
+
     def after_step(self) -> list[dict[str, Any]]: ...
 
     def finish(self) -> list[dict[str, Any]]: ...
@@ -59,6 +64,16 @@ class Mode(Protocol):
 
     def rescue_state(self) -> dict[str, Any]:
         """What of the mode's state can be saved without the network (a peer is lost)."""
+        ...
+
+    def describe(self) -> str:
+        """The run's shape for the first console line, e.g. "2 regions x 1 ranks | 300 steps of ..."."""
+        ...
+
+    def tokens_per_step(self) -> int: ...
+
+    def summary(self) -> dict[str, Any]:
+        """The mode's own keys of summary.json (computed on every rank: may use the network)."""
         ...
 
 
@@ -118,18 +133,21 @@ def build_tokenizer(config: Config, topology: Topology, setup: CommEngine) -> To
 # ------------------------------------------------------------------ optimisation
 
 
-def lr_at(step: int, config: Config) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.lr * train.min_lr_ratio."""
+def lr_at(step: int, config: Config, steps: int | None = None) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.lr * train.min_lr_ratio at `steps`
+    (train.steps unless given)."""
     t = config.train
+    steps = t.steps if steps is None else steps
     if step <= t.warmup_steps:
         return t.lr * step / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    progress = (step - t.warmup_steps) / max(1, steps - t.warmup_steps)
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def inner_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     t = config.train
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -279,23 +297,37 @@ class Trainer:
         self.metrics = Metrics(config, topology, start_step)
         self.step = start_step
 
-    def inner_step(self, train_model: nn.Module, wan: CommEngine) -> tuple[float, float]:
-        """One AdamW step on the next batch; returns the loss and the compute time (the step's
-        wall-clock less what it spent waiting for the link, as DDP's all-reduce does)."""
-        lr = lr_at(self.step, self.config)
+    def inner_step(
+        self,
+        train_model: nn.Module,
+        wan: CommEngine,
+        *,
+        batch: torch.Tensor | None = None,
+        lr: float | None = None,
+        penalty: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[float, float]:
+        """One AdamW step on `batch` (the loader's next unless given) at `lr` (the schedule's at
+        this step unless given), with `penalty()` added to the loss; returns the loss (without the
+        penalty) and the compute time: the step's wall-clock less what it spent waiting for the
+        link, as DDP's all-reduce does."""
+        lr = lr_at(self.step, self.config) if lr is None else lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.data.loader.next_batch().to(self.device, non_blocking=True)
+        batch = self.data.loader.next_batch() if batch is None else batch
+        batch = batch.to(self.device, non_blocking=True)
         began, blocked = time.perf_counter(), wan.blocked_s
         with autocast_for(self.config, self.device):
             loss = lm_loss(train_model, batch)
-        loss.backward()
+        (loss + penalty() if penalty is not None else loss).backward()
         if self.config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.optimizer_parameters(), self.config.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
         return loss_value, time.perf_counter() - began - (wan.blocked_s - blocked)
+
+    def optimizer_parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def evaluate(self, mode: Mode) -> float:
         """Eval loss of the global parameters (and of each region's own, with eval.per_region)."""
@@ -348,9 +380,8 @@ class Trainer:
         segment_start, segment_wall = time.perf_counter(), totals.wall_s
         if self.start_step == 0:
             totals.initial_eval_loss = self.evaluate(mode)
-        t = self.topology
-        tokens_per_step = t.world_size * config.train.batch_size * config.train.seq_len
-        last_step = min(config.train.steps, stop_at) if stop_at is not None else config.train.steps
+        tokens_per_step, steps = mode.tokens_per_step(), config.steps
+        last_step = min(steps, stop_at) if stop_at is not None else steps
 
         def save() -> None:
             began = time.perf_counter()
@@ -359,21 +390,19 @@ class Trainer:
 
         for step in range(self.start_step + 1, last_step + 1):
             self.step = step
-            loss, compute_s = self.inner_step(mode.train_model, mode.wan)
+            loss, compute_s = mode.step(self)
             totals.compute_s += compute_s
             self.metrics.records(mode.after_step())
             totals.wall_s = segment_wall + time.perf_counter() - segment_start
             tokens_per_s = tokens_per_step * (step - self.start_step) / (totals.wall_s - segment_wall)
             lr = self.optimizer.param_groups[0]["lr"]
             self.metrics.train(step, loss, lr, compute_s, tokens_per_s, log=step % config.train.log_every == 0)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training diverged at step {step} in region {t.region}: loss is {loss}")
-            if config.eval.every and step % config.eval.every == 0 and step != config.train.steps:
+            if config.eval.every and step % config.eval.every == 0 and step != steps:
                 self.evaluate(mode)
             if config.checkpoint.every and step % config.checkpoint.every == 0 and step != last_step:
                 save()
 
-        if self.step < config.train.steps:  # stopped early on purpose
+        if self.step < steps:  # stopped early on purpose
             save()
             self.metrics.print(f"stopped after step {self.step}; continue with --resume")
             return None
@@ -387,12 +416,10 @@ class Trainer:
         return summary
 
     def _announce(self, mode: Mode) -> None:
-        t, c = self.topology, self.config
         params = sum(p.numel() for p in self.model.parameters())
         self.metrics.print(
-            f"cocodc: {mode.method} | {t.regions} regions x {t.ranks_per_region} ranks | "
-            f"{params / 1e6:.2f}M params | {c.train.steps} steps of {t.world_size} x "
-            f"{c.train.batch_size} x {c.train.seq_len} tokens | {self.device.type} | {c.run_dir}"
+            f"cocodc: {mode.method} | {mode.describe()} | {params / 1e6:.2f}M params | "
+            f"{self.device.type} | {self.config.run_dir}"
             + (f" | resumed at step {self.start_step}" if self.start_step else "")
         )
 
@@ -406,11 +433,9 @@ class Trainer:
             device=self.device,
         )
         sent, received, blocked, compute_fraction = self.world.all_reduce_mean(per_rank).wait().tolist()
-        steps = self.config.train.steps
+        steps = self.config.steps
         return {
             "method": mode.method,
-            "regions": t.regions,
-            "ranks_per_region": t.ranks_per_region,
             "steps": steps,
             "initial_eval_loss": totals.initial_eval_loss,
             "initial_eval_ppl": math.exp(totals.initial_eval_loss),
@@ -425,6 +450,7 @@ class Trainer:
             "checkpoint_s": totals.checkpoint_s,
             "bytes_sent": round(sent * t.ranks_per_region),
             "bytes_received": round(received * t.ranks_per_region),
+            **mode.summary(),
         }
 
 

@@ -143,3 +143,29 @@ class LinkModel:
         start = max(self._free_at(a, b, now) for a, b in hops)
         serialised = max(self._serialise(a, b, nbytes, start) for a, b in hops)
         return serialised + sum(self._latency(a, b) for a, b in hops)
+
+
+@dataclass
+class AccessLinks:
+    """Nodes on a star: each has its own access link (one-way latency, a bandwidth each way) to a
+    core without contention. A message from a to b holds a's uplink and b's downlink for its
+    bytes at the slower of the two rates, from the moment both are free (FIFO in the order
+    transfers are handed over), and arrives both latencies later. Many clients uploading to one
+    server therefore queue at the server's downlink. 0 bandwidth: unlimited."""
+
+    latency_s: list[float]
+    bandwidth_Bps: list[float]
+    up_busy: dict[int, float] = field(default_factory=dict)
+    down_busy: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, latency_ms: Sequence[float], bandwidth_mbps: Sequence[float]) -> AccessLinks:
+        return cls([v / 1e3 for v in latency_ms], [v * 1e6 / 8 for v in bandwidth_mbps])
+
+    def transfer(self, src: int, dst: int, nbytes: float, now: float) -> float:
+        """A message of `nbytes` handed over at `now`: when it has arrived at `dst`."""
+        rates = [r for r in (self.bandwidth_Bps[src], self.bandwidth_Bps[dst]) if r > 0]
+        start = max(now, self.up_busy.get(src, now), self.down_busy.get(dst, now))
+        done = start + (nbytes / min(rates) if rates else 0.0)
+        self.up_busy[src] = self.down_busy[dst] = done
+        return done + self.latency_s[src] + self.latency_s[dst]

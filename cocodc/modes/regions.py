@@ -4,6 +4,7 @@ between regions, DDP inside each region."""
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 from torch import nn
@@ -14,7 +15,7 @@ from cocodc.comm.wan import LinkModel
 from cocodc.config import Config
 from cocodc.sync import OuterSync
 from cocodc.topology import Topology
-from cocodc.trainer import Stateful
+from cocodc.trainer import Stateful, Trainer
 
 
 def wan_engine(config: Config, topology: Topology) -> CommEngine:
@@ -42,6 +43,7 @@ def wan_engine(config: Config, topology: Topology) -> CommEngine:
 
 class RegionsMode:
     def __init__(self, config: Config, topology: Topology, model: nn.Module, intra: CommEngine):
+        self.config, self.topology = config, topology
         self.method = config.sync.method
         self.wan = wan_engine(config, topology)
         self.outer = OuterSync(model, config.sync, self.wan, intra=intra) if self.method != "ddp" else None
@@ -55,6 +57,26 @@ class RegionsMode:
             self.train_model.register_comm_hook(self.wan, hook)
         elif topology.ranks_per_region > 1:
             self.train_model = DistributedDataParallel(model, process_group=topology.intra_group)
+
+    def step(self, trainer: Trainer) -> tuple[float, float]:
+        loss, compute_s = trainer.inner_step(self.train_model, self.wan)
+        if not math.isfinite(loss):
+            region = trainer.topology.region
+            raise FloatingPointError(f"training diverged at step {trainer.step} in region {region}: loss is {loss}")
+        return loss, compute_s
+
+    def describe(self) -> str:
+        t, c = self.topology, self.config
+        return (
+            f"{t.regions} regions x {t.ranks_per_region} ranks | {c.train.steps} steps of {t.world_size} x "
+            f"{c.train.batch_size} x {c.train.seq_len} tokens"
+        )
+
+    def tokens_per_step(self) -> int:
+        return self.topology.world_size * self.config.train.batch_size * self.config.train.seq_len
+
+    def summary(self) -> dict[str, Any]:
+        return {"regions": self.topology.regions, "ranks_per_region": self.topology.ranks_per_region}
 
     def after_step(self) -> list[dict[str, Any]]:
         if self.outer is None:

@@ -1,0 +1,1 @@
+"""The federated mode's algorithms: plain tensor code, no processes."""

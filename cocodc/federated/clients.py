@@ -1,0 +1,107 @@
+"""Virtual clients: who takes part in a round, who hosts them, what their devices and links are,
+and when their updates reach the server. Plain numbers, no processes; every rank computes the same."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cocodc.comm.wan import AccessLinks
+
+
+def sample_clients(clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
+    """The clients of round `server_round` (1-based): rounds take consecutive slices of a stream of
+    seeded permutations of all clients, so over any stretch of rounds every client is sampled as
+    often as any other, give or take one. A slice that straddles two permutations would draw a
+    client twice: the next permutation puts the clients of that slice's first part last."""
+    start = (server_round - 1) * per_round
+    order = _epoch(clients, per_round, seed, start // clients)
+    offset = start % clients
+    if offset + per_round <= clients:
+        return order[offset : offset + per_round]
+    following = _epoch(clients, per_round, seed, start // clients + 1)
+    return order[offset:] + following[: offset + per_round - clients]
+
+
+def _epoch(clients: int, per_round: int, seed: int, epoch: int) -> list[int]:
+    order: list[int] = []
+    for e in range(epoch + 1):
+        drawn = np.random.default_rng([seed, 0xC11E, e]).permutation(clients).tolist()
+        tail = order[len(order) - (e * clients) % per_round :] if e and (e * clients) % per_round else []
+        # The round that straddles epochs e-1 and e began with `tail`: those go to the back.
+        order = [c for c in drawn if c not in tail] + [c for c in drawn if c in tail]
+    return order
+
+
+def executor_of(position: int, executors: int) -> int:
+    """The executor (1-based rank) that trains the round's `position`-th sampled client."""
+    return 1 + position % executors
+
+
+@dataclass
+class ClientProfiles:
+    """Every client's device and link, drawn once from the seed: compute speed (1 = the median
+    client), link bandwidth (Mbit/s each way, 0 unlimited) and one-way latency (ms)."""
+
+    speed: list[float]
+    bandwidth_mbps: list[float]
+    latency_ms: list[float]
+
+    @classmethod
+    def draw(
+        cls,
+        clients: int,
+        seed: int,
+        *,
+        speed_spread: float,
+        bandwidth_mbps: float,
+        bandwidth_spread: float,
+        latency_ms: float,
+        latency_spread: float,
+    ) -> ClientProfiles:
+        rng = np.random.default_rng([seed, 0xD3F1CE])
+
+        def spread(median: float, ratio: float) -> list[float]:
+            exponents = rng.uniform(-0.5, 0.5, clients)  # drawn even when unused: each draw keeps its place
+            return (median * ratio**exponents).tolist()
+
+        return cls(
+            spread(1.0, speed_spread), spread(bandwidth_mbps, bandwidth_spread), spread(latency_ms, latency_spread)
+        )
+
+
+@dataclass
+class Arrival:
+    client: int
+    trained_at: float  # modelled seconds from the round's start: download and local steps done
+    arrived_at: float  # the update is in at the server
+
+
+def round_arrivals(
+    profiles: ClientProfiles,
+    sampled: Sequence[int],
+    *,
+    download_bytes: int,
+    upload_bytes: Sequence[int],
+    local_steps: int,
+    step_s: float,
+    server_bandwidth_mbps: float,
+) -> list[Arrival]:
+    """When each sampled client's update reaches the server, on the modelled links: the server
+    sends the global model to the clients in sampling order (queued at its uplink), each trains
+    `local_steps` steps at its speed, and the uploads queue at the server's downlink in the order
+    they are handed over. Node 0 is the server, node 1 + i the i-th sampled client."""
+    links = AccessLinks.build(
+        [0.0] + [profiles.latency_ms[c] for c in sampled],
+        [server_bandwidth_mbps] + [profiles.bandwidth_mbps[c] for c in sampled],
+    )
+    trained = [
+        links.transfer(0, 1 + i, download_bytes, 0.0) + local_steps * step_s / profiles.speed[c]
+        for i, c in enumerate(sampled)
+    ]
+    arrived = [0.0] * len(sampled)
+    for i in sorted(range(len(sampled)), key=lambda i: (trained[i], i)):
+        arrived[i] = links.transfer(1 + i, 0, upload_bytes[i], trained[i])
+    return [Arrival(c, t, a) for c, t, a in zip(sampled, trained, arrived, strict=True)]

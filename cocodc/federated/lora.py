@@ -1,0 +1,44 @@
+"""LoRA adapters on the transformer's block Linears, injected with peft, so federated rounds move only the adapters.
+
+`add_lora` wraps each targeted `nn.Linear` in place (peft's `inject_adapter_in_model`): the model stays a plain
+`Transformer` whose forward is `forward(tokens)`. A wrapped layer's weight moves to `<layer>.base_layer.weight` and its
+adapters are `<layer>.lora_A.default.weight` (rank, in) and `<layer>.lora_B.default.weight` (out, rank), so load a
+pretrained checkpoint before calling `add_lora`.
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+# The embedding and the (untied) head stay frozen: an adapter on the head costs rank * (vocab + d_model), as much as
+# a couple of blocks' adapters at a 32k vocabulary, and fine-tuning should keep the pretrained token representations.
+LORA_TARGETS = ("qkv", "out", "gate", "up", "down")
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
+    """Inject rank-`rank` LoRA adapters into every `LORA_TARGETS` Linear and freeze all base parameters.
+
+    `alpha` defaults to 2 * rank, so the adapter scale alpha / rank is 2 whatever the rank. The adapters start as
+    B = 0 (A random, from torch's global generator), so the model's output is unchanged at injection. Returns the
+    same model object, modified in place.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if alpha is None:
+        alpha = 2.0 * rank
+    if any(isinstance(module, LoraLayer) for module in model.modules()):
+        raise ValueError("model already has LoRA adapters")
+    base = list(model.parameters())
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=list(LORA_TARGETS))
+    model = inject_adapter_in_model(config, model)
+    # peft already freezes non-adapter weights; done explicitly so the guarantee does not rest on its defaults.
+    for param in base:
+        param.requires_grad_(False)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require grad (after `add_lora`: the adapters), in `named_parameters` order."""
+    return [param for _, param in model.named_parameters() if param.requires_grad]

@@ -1,0 +1,323 @@
+"""The federated mode: a server (rank 0) and executors (ranks 1..E) that train virtual clients.
+
+A round: every rank draws the same K clients (clients.sample_clients) and deals them over the
+executors; each executor trains its clients one after another from the global model (a fresh
+AdamW each, `local_steps` steps on the client's own shard) and sends each update (client -
+global, through the upload codec) and a few numbers (examples, loss, status) to the server as soon
+as it is done. The server times the round on the modelled links (clients.round_arrivals), leaves
+out the updates that failed, are not finite or arrive after the deadline, aggregates the rest with
+the strategy and broadcasts the new global model, which every rank then holds: eval and
+checkpoints see the global model everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+
+from cocodc import checkpoint
+from cocodc.comm import CommEngine, Handle
+from cocodc.config import Config, ConfigError
+from cocodc.data import ClientShards
+from cocodc.federated.clients import ClientProfiles, executor_of, round_arrivals, sample_clients
+from cocodc.federated.strategies import build_strategy, proximal_term, weighted_mean
+from cocodc.topology import Topology
+from cocodc.trainer import Stateful, Trainer, lr_at
+
+SERVER = 0
+OK, FAILED = 0.0, 1.0
+# Fault injection for tests and drills: "raise:3,nan:5" makes client 3 raise and client 5 send a
+# non-finite update in every round they are sampled (the real failure paths run).
+FAULTS_ENV = "COCODC_FAULTS"
+
+
+def load_initial_model(model: nn.Module, source: str) -> None:
+    """Load `source` (a checkpoint file, or a run directory: its latest checkpoint) into `model`."""
+    path = Path(source)
+    try:
+        if path.is_dir():
+            root = path / "checkpoints"
+            state = checkpoint.load_rank(root, checkpoint.latest_step(root), 0)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("model", state))
+    except (checkpoint.CheckpointError, RuntimeError, KeyError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"federated.init_from {source}: cannot load its model into this config's ({first})") from None
+
+
+def parse_faults(text: str) -> dict[int, str]:
+    faults = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, client = item.partition(":")
+        if kind not in ("raise", "nan") or not client.isdigit():
+            raise ConfigError(f"{FAULTS_ENV}: {item!r} is not raise:<client> or nan:<client>")
+        faults[int(client)] = kind
+    return faults
+
+
+class GlobalModel:
+    """The trainable parameters' global values, a flat fp32 vector every rank holds the same, and
+    the server's strategy state."""
+
+    def __init__(self, params: list[nn.Parameter], strategy: Any):
+        self.params, self.strategy = params, strategy
+        self.vector = parameters_to_vector(params).detach().float().clone()
+
+    def load_into_model(self) -> None:
+        # A copy: torch's vector_to_parameters would make the parameters views of the vector.
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(self.vector[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vector": self.vector, "strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.vector = state["vector"].to(self.vector.device)
+        self.strategy.load_state_dict(state["strategy"])
+        self.load_into_model()
+
+
+class FederatedMode:
+    keeps_region_copies = False
+
+    def __init__(self, config: Config, topology: Topology, model: nn.Module, shards: ClientShards):
+        self.config, self.topology, self.shards = config, topology, shards
+        f = config.federated
+        self.federation = f
+        self.method = f.strategy
+        self.train_model = model
+        self.is_server = topology.rank == SERVER
+        members = ["server"] + [f"executor {e}" for e in range(1, topology.world_size)]
+        self.wan = CommEngine(
+            topology.world_group, name="federation", members=members, timeout_s=config.topology.timeout_s
+        )
+        try:
+            strategy = build_strategy(
+                f.strategy, lr=f.server_lr, beta1=f.server_beta1, beta2=f.server_beta2, tau=f.server_tau
+            )
+        except ValueError as err:
+            raise ConfigError(f"federated.strategy {f.strategy}: {err}") from None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.global_model = GlobalModel(self.params, strategy)
+        self.parts: dict[str, Stateful] = {"federated": self.global_model}
+        self.profiles = ClientProfiles.draw(
+            f.clients,
+            config.seed,
+            speed_spread=f.speed_spread,
+            bandwidth_mbps=f.bandwidth_mbps,
+            bandwidth_spread=f.bandwidth_spread,
+            latency_ms=f.latency_ms,
+            latency_spread=f.latency_spread,
+        )
+        self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
+        self.records: list[dict[str, Any]] = []
+        self.totals = {"bytes_up": 0, "bytes_down": 0, "modelled_s": 0.0, "accepted": 0, "left_out": 0}
+        self.parts["federated_totals"] = _Totals(self.totals)
+
+    # ------------------------------------------------------------------ the round
+
+    def step(self, trainer: Trainer) -> tuple[float, float]:
+        began = time.perf_counter()
+        server_round = trainer.step
+        sampled = sample_clients(
+            self.federation.clients, self.federation.clients_per_round, self.config.seed, server_round
+        )
+        if self.is_server:
+            loss, compute_s = self._serve(server_round, sampled), 0.0
+        else:
+            loss, compute_s = self._train_clients(trainer, server_round, sampled)
+        for client in sampled:
+            self.shards.batches_done[client] += self.federation.local_steps
+        self.wan.broadcast(self.global_model.vector, SERVER).wait()
+        self.global_model.load_into_model()
+        if self.is_server:
+            self.records[-1]["measured_s"] = time.perf_counter() - began
+        return loss, compute_s
+
+    def _train_clients(self, trainer: Trainer, server_round: int, sampled: list[int]) -> tuple[float, float]:
+        """Train this executor's share of the round's clients; send each update as it is done."""
+        me, executors = self.topology.rank, self.topology.world_size - 1
+        sends: list[Handle] = []
+        losses, compute_s = [], 0.0
+        for position, client in enumerate(sampled):
+            if executor_of(position, executors) != me:
+                continue
+            try:
+                update, loss, seconds = self._train_client(trainer, server_round, client)
+            except Exception as err:  # a client's failure is the round's news, not the executor's end
+                print(f"cocodc: round {server_round}: client {client} failed: {err}", file=sys.stderr, flush=True)
+                info, update = torch.tensor([0.0, math.nan, FAILED], dtype=torch.float64), torch.empty(0)
+                codec = None
+            else:
+                info = torch.tensor([self.shards.examples(client), loss, OK], dtype=torch.float64)
+                codec, compute_s = self.federation.quantize, compute_s + seconds
+                losses.append(loss)
+            sends.append(self.wan.send(info, SERVER, tag=position))
+            sends.append(self.wan.send(update, SERVER, tag=position, codec=codec))
+        for handle in sends:
+            handle.wait()
+        return (sum(losses) / len(losses) if losses else math.nan), compute_s
+
+    def _train_client(self, trainer: Trainer, server_round: int, client: int) -> tuple[torch.Tensor, float, float]:
+        """`local_steps` AdamW steps of `client` from the global model: (update, mean loss, compute s)."""
+        f, start = self.federation, self.global_model.vector
+        self.global_model.load_into_model()
+        trainer.optimizer.state.clear()  # every client starts a fresh AdamW, as Flower's clients do
+        loader = self.shards.loader(client)
+        anchor = [p.detach().clone() for p in self.params] if f.proximal_mu else None
+        fault = self.faults.get(client)
+        losses, compute_s = [], 0.0
+        for local in range(1, f.local_steps + 1):
+            if fault == "raise":
+                raise RuntimeError(f"injected by {FAULTS_ENV}")
+            lr = lr_at((server_round - 1) * f.local_steps + local, self.config, steps=f.rounds * f.local_steps)
+            penalty = None
+            if anchor is not None:
+                penalty = lambda: proximal_term(self.params, anchor, f.proximal_mu)  # noqa: E731
+            if fault == "nan":  # a term whose gradient is NaN everywhere, as a diverging client's
+                penalty = lambda: math.nan * sum(p.sum() for p in self.params)  # noqa: E731
+            loss, seconds = trainer.inner_step(
+                self.train_model, self.wan, batch=loader.next_batch(), lr=lr, penalty=penalty
+            )
+            losses.append(loss)
+            compute_s += seconds
+        trainer.optimizer.state.clear()
+        update = parameters_to_vector(self.params).detach().float() - start
+        return update, sum(losses) / len(losses), compute_s
+
+    def _serve(self, server_round: int, sampled: list[int]) -> float:
+        """Receive the round's updates, time them on the modelled links, aggregate what counts."""
+        f, executors = self.federation, self.topology.world_size - 1
+        pending = []
+        for position in range(len(sampled)):
+            src = executor_of(position, executors)
+            pending.append((self.wan.recv(src, tag=position), self.wan.recv(src, tag=position)))
+        infos, updates, upload_bytes = [], [], []
+        for info_handle, update_handle in pending:
+            infos.append(info_handle.wait().tolist())
+            updates.append(update_handle.wait())
+            upload_bytes.append(info_handle.bytes_received + update_handle.bytes_received)
+        download_bytes = self.global_model.vector.numel() * 4
+        arrivals = round_arrivals(
+            self.profiles,
+            sampled,
+            download_bytes=download_bytes,
+            upload_bytes=upload_bytes,
+            local_steps=f.local_steps,
+            step_s=f.step_s,
+            server_bandwidth_mbps=f.server_bandwidth_mbps,
+        )
+        failed, not_finite, late, accepted = [], [], [], []
+        for client, (examples, _, status), update, arrival in zip(sampled, infos, updates, arrivals, strict=True):
+            if status == FAILED:
+                failed.append(client)
+            elif not torch.isfinite(update).all():
+                not_finite.append(client)
+            elif f.deadline_s and arrival.arrived_at > f.deadline_s:
+                late.append(client)
+            else:
+                accepted.append((client, int(examples), update))
+        if accepted:
+            mean_update = weighted_mean([u for _, _, u in accepted], [n for _, n, _ in accepted])
+            self.global_model.vector = self.global_model.strategy.step(
+                self.global_model.vector, mean_update, server_round
+            )
+        in_time = [a.arrived_at for a in arrivals if a.client in {c for c, _, _ in accepted}]
+        # The server waits for the slowest accepted update, or to the deadline when one is late.
+        modelled_s = f.deadline_s if late else max(in_time, default=0.0)
+        losses = [(n, infos[sampled.index(c)][1]) for c, n, _ in accepted]
+        loss = sum(n * value for n, value in losses) / sum(n for n, _ in losses) if losses else math.nan
+        record = {
+            "kind": "round",
+            "round": server_round,
+            "step": server_round,
+            "sampled": sampled,
+            "accepted": [c for c, _, _ in accepted],
+            "late": late,
+            "failed": failed,
+            "not_finite": not_finite,
+            "bytes_up": sum(upload_bytes),
+            "bytes_down": download_bytes * len(sampled),
+            "modelled_s": modelled_s,
+            "train_loss": loss,
+        }
+        self.records.append(record)
+        t = self.totals
+        t["bytes_up"] += record["bytes_up"]
+        t["bytes_down"] += record["bytes_down"]
+        t["modelled_s"] += modelled_s
+        t["accepted"] += len(accepted)
+        t["left_out"] += len(sampled) - len(accepted)
+        return loss
+
+    # ------------------------------------------------------------------ the rest of the Mode protocol
+
+    def after_step(self) -> list[dict[str, Any]]:
+        records, self.records = self.records, []
+        return records
+
+    def finish(self) -> list[dict[str, Any]]:
+        return []
+
+    def global_view(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # every rank holds the global model between rounds
+
+    def rescue_state(self) -> dict[str, Any]:
+        return {"global_vector": self.global_model.vector}
+
+    def describe(self) -> str:
+        f, c = self.federation, self.config
+        return (
+            f"{f.clients} clients, {f.clients_per_round} per round on {f.executors} executors | {f.rounds} rounds of "
+            f"{f.local_steps} steps of {c.train.batch_size} x {c.train.seq_len} tokens"
+            + (f" | LoRA rank {f.lora_rank}" if f.lora_rank else "")
+        )
+
+    def tokens_per_step(self) -> int:
+        f, t = self.federation, self.config.train
+        return f.clients_per_round * f.local_steps * t.batch_size * t.seq_len
+
+    def summary(self) -> dict[str, Any]:
+        f = self.federation
+        # The server's totals (the executors hold none): sent to every rank by the same broadcast as a model.
+        totals = torch.tensor([float(v) for v in self.totals.values()], dtype=torch.float64)
+        self.wan.broadcast(totals, SERVER).wait()
+        bytes_up, bytes_down, modelled_s, accepted, left_out = totals.tolist()
+        return {
+            "clients": f.clients,
+            "clients_per_round": f.clients_per_round,
+            "rounds": f.rounds,
+            "local_steps": f.local_steps,
+            "trained_parameters": self.global_model.vector.numel(),
+            "bytes_up": int(bytes_up),
+            "bytes_down": int(bytes_down),
+            "modelled_s": modelled_s,
+            "updates_accepted": int(accepted),
+            "updates_left_out": int(left_out),
+        }
+
+
+class _Totals:
+    """The server's running totals over rounds, saved so a resumed run's summary covers them all."""
+
+    def __init__(self, totals: dict[str, float]):
+        self.totals = totals
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.totals)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.totals.update(state)
