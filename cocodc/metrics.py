@@ -217,6 +217,9 @@ def _start_wandb(config: Config, region: int) -> Any:
     import wandb
 
     run_dir = config.run_dir
+    role = f"region{region}"
+    if config.mode == "federated":
+        role = "server" if region == 0 else f"executor{region}"
     id_file = run_dir / f"wandb-region{region}.id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
@@ -224,8 +227,8 @@ def _start_wandb(config: Config, region: int) -> Any:
         project=config.wandb.project,
         entity=config.wandb.entity,
         group=config.run.name,
-        name=f"{config.run.name}-region{region}",
-        job_type="region",
+        name=f"{config.run.name}-{role}",
+        job_type=role.rstrip("0123456789"),
         id=run_id,
         resume="allow",
         mode=config.wandb.mode,

@@ -24,9 +24,11 @@ FAST = [
 ]
 
 
-def cocodc(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real `cocodc` command (which starts torchrun) in a subprocess."""
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+def cocodc(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real `cocodc` command (which starts torchrun) in a subprocess, with `env` added."""
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "cocodc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

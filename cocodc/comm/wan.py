@@ -148,10 +148,10 @@ class LinkModel:
 @dataclass
 class AccessLinks:
     """Nodes on a star: each has its own access link (one-way latency, a bandwidth each way) to a
-    core without contention. A message from a to b holds a's uplink and b's downlink for its
-    bytes at the slower of the two rates, from the moment both are free (FIFO in the order
-    transfers are handed over), and arrives both latencies later. Many clients uploading to one
-    server therefore queue at the server's downlink. 0 bandwidth: unlimited."""
+    core without contention. A message from a to b queues FIFO at a's uplink and, at the same
+    time, at b's downlink, each serialising it at its own rate; it arrives when the later of the
+    two is done, plus both latencies. So a server's link is shared by every client that talks to
+    it at once, and a client's own link still limits it. 0 bandwidth: unlimited (never busy)."""
 
     latency_s: list[float]
     bandwidth_Bps: list[float]
@@ -162,10 +162,15 @@ class AccessLinks:
     def build(cls, latency_ms: Sequence[float], bandwidth_mbps: Sequence[float]) -> AccessLinks:
         return cls([v / 1e3 for v in latency_ms], [v * 1e6 / 8 for v in bandwidth_mbps])
 
+    def _queue(self, busy: dict[int, float], node: int, nbytes: float, now: float) -> float:
+        rate = self.bandwidth_Bps[node]
+        if rate <= 0:
+            return now
+        busy[node] = max(now, busy.get(node, now)) + nbytes / rate
+        return busy[node]
+
     def transfer(self, src: int, dst: int, nbytes: float, now: float) -> float:
         """A message of `nbytes` handed over at `now`: when it has arrived at `dst`."""
-        rates = [r for r in (self.bandwidth_Bps[src], self.bandwidth_Bps[dst]) if r > 0]
-        start = max(now, self.up_busy.get(src, now), self.down_busy.get(dst, now))
-        done = start + (nbytes / min(rates) if rates else 0.0)
-        self.up_busy[src] = self.down_busy[dst] = done
-        return done + self.latency_s[src] + self.latency_s[dst]
+        sent = self._queue(self.up_busy, src, nbytes, now)
+        received = self._queue(self.down_busy, dst, nbytes, now)
+        return max(sent, received) + self.latency_s[src] + self.latency_s[dst]
