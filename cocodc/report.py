@@ -33,6 +33,7 @@ def load_curve(run: Path) -> dict:
     return {
         "run": run.name,
         "label": label(config),
+        "unit": "round" if config.get("mode") == "federated" else "inner step",
         "steps": [r["step"] for r in evals],
         "loss": [r["loss"] for r in evals],
         "wall_s": [r.get("wall_s", float("nan")) for r in evals],
@@ -41,6 +42,8 @@ def load_curve(run: Path) -> dict:
 
 
 def label(config: dict) -> str:
+    if config.get("mode") == "federated":
+        return federated_label(config["federated"])
     sync = config["sync"]
     method = sync["method"]
     if method in ("ddp", "diloco"):
@@ -52,6 +55,19 @@ def label(config: dict) -> str:
         parts.append("adaptive schedule")
     if sync.get("quantize", "fp32") != "fp32":
         parts.append(sync["quantize"])
+    return " ".join(parts)
+
+
+def federated_label(federated: dict) -> str:
+    parts = [federated["strategy"]]
+    if federated["strategy"] == "fedprox":
+        parts.append(f"mu={federated['proximal_mu']:g}")
+    if federated.get("server_lr") is not None:
+        parts.append(f"server lr={federated['server_lr']:g}")
+    if federated["quantize"] != "fp32":
+        parts.append(federated["quantize"])
+    if federated["lora_rank"]:
+        parts.append(f"LoRA r={federated['lora_rank']}")
     return " ".join(parts)
 
 
@@ -72,7 +88,7 @@ def plot_curves(curves: Sequence[dict], path: Path, title: str = "") -> None:
     top = max(c["loss"][len(c["loss"]) // 5] for c in curves)
     bottom = min(min(c["loss"]) for c in curves)
     by_step.set_ylim(bottom - 0.05 * (top - bottom), top)
-    by_step.set_xlabel("inner step")
+    by_step.set_xlabel(" / ".join(sorted({c["unit"] for c in curves})))
     by_step.set_ylabel("eval loss (global model)")
     by_time.set_xlabel("wall-clock (s)")
     for ax in (by_step, by_time):
