@@ -99,11 +99,18 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, std=0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq = tokens.shape[1]
+        return self.logits(self.run_blocks(self.embed(tokens), 0, len(self.blocks)))
+
+    def run_blocks(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Blocks start..end-1 on hidden states x (batch, seq, d_model): the pieces a cut model
+        (split learning) runs on different machines."""
+        seq = x.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        x = self.embed(tokens)
-        for block in self.blocks:
+        for block in self.blocks[start:end]:
             x = block(x, cos, sin)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x))
 
 
