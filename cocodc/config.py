@@ -154,6 +154,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class DevicesConfig:
+    """The modelled devices and links of federated clients and split-learning workers, drawn once
+    from the seed: each is log-uniform over [median / sqrt(spread), median * sqrt(spread)]
+    (spread 1: every device alike)."""
+
+    step_s: float = 0.1  # modelled seconds of one train.batch_size step on the median device
+    speed_spread: float = 1.0
+    bandwidth_mbps: float = 0.0  # the median device's link, each way; 0: unlimited
+    bandwidth_spread: float = 1.0
+    latency_ms: float = 0.0  # the median device's one-way latency
+    latency_spread: float = 1.0
+    server_bandwidth_mbps: float = 0.0  # the server's link, shared by every device; 0: unlimited
+
+
+@dataclass
 class FederatedConfig:
     """`mode: federated`: a server (rank 0) and `executors` processes hosting `clients` virtual clients."""
 
@@ -174,15 +189,6 @@ class FederatedConfig:
     lora_rank: int = 0  # 0: the whole model trains and travels; r: LoRA adapters of rank r only
     lora_alpha: float | None = None  # unset: 2 x lora_rank
     init_from: str = ""  # a checkpoint file (or a run directory) whose model to start from
-    # Heterogeneous clients, drawn once from the seed: each value is log-uniform over
-    # [median / sqrt(spread), median * sqrt(spread)] (spread 1: every client alike).
-    step_s: float = 0.1  # modelled seconds of one local step on the median client
-    speed_spread: float = 1.0
-    bandwidth_mbps: float = 0.0  # the median client's link, each way; 0: unlimited
-    bandwidth_spread: float = 1.0
-    latency_ms: float = 0.0  # the median client's one-way latency
-    latency_spread: float = 1.0
-    server_bandwidth_mbps: float = 0.0  # the server's link, shared by every client; 0: unlimited
 
 
 @dataclass
@@ -198,6 +204,7 @@ class Config:
     wan: WanConfig = field(default_factory=WanConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     mode: Literal["regions", "federated"] = "regions"
     seed: int = 0
 
@@ -436,6 +443,7 @@ def validate(config: Config) -> None:
     _validate_wan(config)
     if config.mode == "federated":
         _validate_federated(config)
+    _validate_devices(config.devices)
     if d.split == "non_iid" and d.source.startswith("hf:"):
         raise ConfigError("data.split non_iid needs a local corpus with domains; hub streams ('hf:') are iid")
     name = config.run.name
@@ -485,19 +493,10 @@ def _validate_federated(config: Config) -> None:
         "federated.proximal_mu": f.proximal_mu,
         "federated.deadline_s": f.deadline_s,
         "federated.lora_rank": f.lora_rank,
-        "federated.step_s": f.step_s,
-        "federated.bandwidth_mbps": f.bandwidth_mbps,
-        "federated.latency_ms": f.latency_ms,
-        "federated.server_bandwidth_mbps": f.server_bandwidth_mbps,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must not be negative; got {value}")
-    for key in ("speed_spread", "bandwidth_spread", "latency_spread"):
-        if getattr(f, key) < 1:
-            raise ConfigError(
-                f"config key 'federated.{key}' is a ratio of fastest to slowest, at least 1; got {getattr(f, key)}"
-            )
     if f.strategy == "fedprox" and f.proximal_mu == 0:
         raise ConfigError("federated.strategy fedprox needs a positive federated.proximal_mu")
     if f.proximal_mu and f.strategy != "fedprox":
@@ -522,6 +521,17 @@ def _validate_federated(config: Config) -> None:
     if f.init_from and not Path(f.init_from).exists():
         raise ConfigError(f"federated.init_from: no such checkpoint file or run directory: {f.init_from}")
     if config.wan.enabled:
-        raise ConfigError("the wan section links regions; the federated mode's links are federated.bandwidth_mbps etc.")
+        raise ConfigError("the wan section links regions; the federated mode's links are the devices section's")
     if config.data.source.startswith("hf:"):
         raise ConfigError("mode federated deals a local corpus's domains to clients; 'hf:' streams are not supported")
+
+
+def _validate_devices(devices: DevicesConfig) -> None:
+    for key in ("step_s", "bandwidth_mbps", "latency_ms", "server_bandwidth_mbps"):
+        if getattr(devices, key) < 0:
+            raise ConfigError(f"config key 'devices.{key}' must not be negative; got {getattr(devices, key)}")
+    for key in ("speed_spread", "bandwidth_spread", "latency_spread"):
+        if getattr(devices, key) < 1:
+            raise ConfigError(
+                f"config key 'devices.{key}' is a ratio of fastest to slowest, at least 1; got {getattr(devices, key)}"
+            )

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from cocodc.comm.wan import AccessLinks
-from cocodc.config import ConfigError, load_config
+from cocodc.config import ConfigError, DevicesConfig, load_config
 from cocodc.data import ClientShards, ShardLoader
-from cocodc.federated.clients import ClientProfiles, executor_of, round_arrivals, sample_clients
+from cocodc.devices import DeviceProfiles
+from cocodc.federated.clients import executor_of, round_arrivals, sample_clients
 
 
 @pytest.mark.parametrize(("clients", "per_round"), [(20, 5), (7, 3), (10, 10), (5, 4), (100, 7)])
@@ -45,7 +46,7 @@ def test_uploads_queue_fifo_at_the_servers_link():
 
 def test_round_arrivals_by_hand():
     # Two clients: speeds 1 and 2, 8 and 16 Mbit/s links, no latency; server unlimited.
-    profiles = ClientProfiles(speed=[1.0, 2.0], bandwidth_mbps=[8.0, 16.0], latency_ms=[0.0, 0.0])
+    profiles = DeviceProfiles(speed=[1.0, 2.0], bandwidth_mbps=[8.0, 16.0], latency_ms=[0.0, 0.0])
     arrivals = round_arrivals(
         profiles,
         [1, 0],
@@ -61,7 +62,7 @@ def test_round_arrivals_by_hand():
 
 
 def test_round_arrivals_queue_at_a_slow_server():
-    profiles = ClientProfiles(speed=[1.0, 1.0], bandwidth_mbps=[0.0, 0.0], latency_ms=[0.0, 0.0])
+    profiles = DeviceProfiles(speed=[1.0, 1.0], bandwidth_mbps=[0.0, 0.0], latency_ms=[0.0, 0.0])
     arrivals = round_arrivals(
         profiles,
         [0, 1],
@@ -76,9 +77,9 @@ def test_round_arrivals_queue_at_a_slow_server():
 
 
 def test_client_profiles_are_seeded_and_spread_as_configured():
-    draw = dict(speed_spread=4.0, bandwidth_mbps=20.0, bandwidth_spread=4.0, latency_ms=40.0, latency_spread=1.0)
-    profiles = ClientProfiles.draw(200, 0, **draw)
-    assert profiles == ClientProfiles.draw(200, 0, **draw)
+    devices = DevicesConfig(speed_spread=4.0, bandwidth_mbps=20.0, bandwidth_spread=4.0, latency_ms=40.0)
+    profiles = DeviceProfiles.draw(200, 0, devices)
+    assert profiles == DeviceProfiles.draw(200, 0, devices)
     assert min(profiles.speed) >= 0.5 and max(profiles.speed) <= 2.0
     assert max(profiles.speed) / min(profiles.speed) > 3.0
     assert min(profiles.bandwidth_mbps) >= 10.0 and max(profiles.bandwidth_mbps) <= 40.0
@@ -115,7 +116,7 @@ def test_a_client_shard_smaller_than_a_batch_is_a_clear_error():
         ("federated.strategy=fedprox", "fedprox needs a positive federated.proximal_mu"),
         ("federated.server_lr=0.1", "federated.server_lr sets a server optimizer; federated.strategy fedavg has none"),
         ("federated.deadline_s=-1", "'federated.deadline_s' must not be negative"),
-        ("federated.speed_spread=0.5", "'federated.speed_spread' is a ratio"),
+        ("devices.speed_spread=0.5", "'devices.speed_spread' is a ratio"),
         ("federated.lora_rank=4", "set federated.init_from"),
         ("federated.init_from=/no/such/ckpt.pt", "no such checkpoint file or run directory: /no/such/ckpt.pt"),
         ("federated.quantize=int4", "'federated.quantize' must be one of"),

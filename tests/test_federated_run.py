@@ -9,7 +9,8 @@ import torch
 
 from cocodc.checkpoint import load_rank
 from cocodc.config import load_config
-from cocodc.federated.clients import ClientProfiles, round_arrivals, sample_clients
+from cocodc.devices import DeviceProfiles
+from cocodc.federated.clients import round_arrivals, sample_clients
 from cocodc.federated.lora import add_lora
 from cocodc.metrics import read_records
 from cocodc.model import Transformer
@@ -32,11 +33,11 @@ BASE = [
 # Links without bandwidth or latency: a client's update arrives local_steps x step_s / speed after
 # the round starts, so the test can tell which clients a deadline drops.
 TIMED_BY_SPEED = [
-    "federated.bandwidth_mbps=0",
-    "federated.latency_ms=0",
-    "federated.server_bandwidth_mbps=0",
-    "federated.step_s=1.0",
-    "federated.speed_spread=16",
+    "devices.bandwidth_mbps=0",
+    "devices.latency_ms=0",
+    "devices.server_bandwidth_mbps=0",
+    "devices.step_s=1.0",
+    "devices.speed_spread=16",
 ]
 
 
@@ -49,9 +50,7 @@ def test_failing_nan_and_late_clients_are_left_out_and_the_rounds_go_on(tmp_path
     config = load_config(CONFIG, [*BASE, *TIMED_BY_SPEED])
     f = config.federated
     raises, sends_nan, *timed = sample_clients(f.clients, f.clients_per_round, config.seed, 1)
-    profiles = ClientProfiles.draw(
-        f.clients, config.seed, speed_spread=16, bandwidth_mbps=0, bandwidth_spread=1, latency_ms=0, latency_spread=1
-    )
+    profiles = DeviceProfiles.draw(f.clients, config.seed, config.devices)
     arrival = {
         a.client: a.arrived_at
         for a in round_arrivals(

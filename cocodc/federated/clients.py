@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cocodc.comm.wan import AccessLinks
+from cocodc.devices import DeviceProfiles
 
 
 def sample_clients(clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
@@ -41,38 +42,6 @@ def executor_of(position: int, executors: int) -> int:
 
 
 @dataclass
-class ClientProfiles:
-    """Every client's device and link, drawn once from the seed: compute speed (1 = the median
-    client), link bandwidth (Mbit/s each way, 0 unlimited) and one-way latency (ms)."""
-
-    speed: list[float]
-    bandwidth_mbps: list[float]
-    latency_ms: list[float]
-
-    @classmethod
-    def draw(
-        cls,
-        clients: int,
-        seed: int,
-        *,
-        speed_spread: float,
-        bandwidth_mbps: float,
-        bandwidth_spread: float,
-        latency_ms: float,
-        latency_spread: float,
-    ) -> ClientProfiles:
-        rng = np.random.default_rng([seed, 0xD3F1CE])
-
-        def spread(median: float, ratio: float) -> list[float]:
-            exponents = rng.uniform(-0.5, 0.5, clients)  # drawn even when unused: each draw keeps its place
-            return (median * ratio**exponents).tolist()
-
-        return cls(
-            spread(1.0, speed_spread), spread(bandwidth_mbps, bandwidth_spread), spread(latency_ms, latency_spread)
-        )
-
-
-@dataclass
 class Arrival:
     client: int
     trained_at: float  # modelled seconds from the round's start: download and local steps done
@@ -80,7 +49,7 @@ class Arrival:
 
 
 def round_arrivals(
-    profiles: ClientProfiles,
+    profiles: DeviceProfiles,
     sampled: Sequence[int],
     *,
     download_bytes: int,

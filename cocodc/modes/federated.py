@@ -28,7 +28,8 @@ from cocodc import checkpoint
 from cocodc.comm import CommEngine, Handle
 from cocodc.config import Config, ConfigError
 from cocodc.data import ClientShards
-from cocodc.federated.clients import ClientProfiles, executor_of, round_arrivals, sample_clients
+from cocodc.devices import DeviceProfiles
+from cocodc.federated.clients import executor_of, round_arrivals, sample_clients
 from cocodc.federated.strategies import build_strategy, proximal_term, weighted_mean
 from cocodc.topology import Topology
 from cocodc.trainer import Stateful, Trainer, lr_at
@@ -113,15 +114,7 @@ class FederatedMode:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.global_model = GlobalModel(self.params, strategy)
         self.parts: dict[str, Stateful] = {"federated": self.global_model}
-        self.profiles = ClientProfiles.draw(
-            f.clients,
-            config.seed,
-            speed_spread=f.speed_spread,
-            bandwidth_mbps=f.bandwidth_mbps,
-            bandwidth_spread=f.bandwidth_spread,
-            latency_ms=f.latency_ms,
-            latency_spread=f.latency_spread,
-        )
+        self.profiles = DeviceProfiles.draw(f.clients, config.seed, config.devices)
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
         self.records: list[dict[str, Any]] = []
         self.totals = {"bytes_up": 0, "bytes_down": 0, "modelled_s": 0.0, "accepted": 0, "left_out": 0}
@@ -217,8 +210,8 @@ class FederatedMode:
             download_bytes=download_bytes,
             upload_bytes=upload_bytes,
             local_steps=f.local_steps,
-            step_s=f.step_s,
-            server_bandwidth_mbps=f.server_bandwidth_mbps,
+            step_s=self.config.devices.step_s,
+            server_bandwidth_mbps=self.config.devices.server_bandwidth_mbps,
         )
         failed, not_finite, late, accepted = [], [], [], []
         for client, (examples, _, status), update, arrival in zip(sampled, infos, updates, arrivals, strict=True):
