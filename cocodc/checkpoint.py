@@ -49,6 +49,12 @@ RESUME_KEYS = (
     "federated.strategy",
     "federated.lora_rank",
     "federated.init_from",
+    "split.workers",
+    "split.executors",
+    "split.cut",
+    "split.shape",
+    "split.merge",
+    "split.aggregate_every",
 )
 
 

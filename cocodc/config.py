@@ -154,6 +154,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class SplitConfig:
+    """`mode: split`: workers (dealt over `executors` processes) hold the data and the model's
+    bottom, the embedding and the first `cut` blocks; the server (rank 0) the rest."""
+
+    workers: int = 4
+    executors: int = 2
+    cut: int = 1  # blocks on the workers: 1 .. model.n_layers - 1
+    shape: Literal["two", "u"] = "two"  # u: the final norm and head stay on the workers with the labels
+    merge: bool = True  # one server step on every worker's activations at once; false: SplitFed v2
+    # 1: the workers' parts stay one model (their gradients are averaged every step, weighted by
+    # batch); k > 1: each worker steps its own part, and the parts are averaged every k steps.
+    aggregate_every: int = 1
+    batch_regulation: bool = False  # batch sizes so every worker's activations arrive together
+    server_lr: float | None = None  # the server part's AdamW peak lr; unset: train.lr
+    quantize: Literal["fp32", "bf16", "fp8", "int8", "e3m0"] = "fp32"  # activations and gradients on the wire
+
+
+@dataclass
 class DevicesConfig:
     """The modelled devices and links of federated clients and split-learning workers, drawn once
     from the seed: each is log-uniform over [median / sqrt(spread), median * sqrt(spread)]
@@ -204,8 +222,9 @@ class Config:
     wan: WanConfig = field(default_factory=WanConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
-    mode: Literal["regions", "federated"] = "regions"
+    mode: Literal["regions", "federated", "split"] = "regions"
     seed: int = 0
 
     @property
@@ -214,10 +233,12 @@ class Config:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(groups, ranks per group) of the torchrun job: regions x ranks, or the federated server
-        and executors as groups of one."""
+        """(groups, ranks per group) of the torchrun job: regions x ranks, or the federated or split
+        server and executors as groups of one."""
         if self.mode == "federated":
             return 1 + self.federated.executors, 1
+        if self.mode == "split":
+            return 1 + self.split.executors, 1
         return self.topology.regions, self.topology.ranks_per_region
 
     @property
@@ -443,6 +464,8 @@ def validate(config: Config) -> None:
     _validate_wan(config)
     if config.mode == "federated":
         _validate_federated(config)
+    if config.mode == "split":
+        _validate_split(config)
     _validate_devices(config.devices)
     if d.split == "non_iid" and d.source.startswith("hf:"):
         raise ConfigError("data.split non_iid needs a local corpus with domains; hub streams ('hf:') are iid")
@@ -535,3 +558,23 @@ def _validate_devices(devices: DevicesConfig) -> None:
             raise ConfigError(
                 f"config key 'devices.{key}' is a ratio of fastest to slowest, at least 1; got {getattr(devices, key)}"
             )
+
+
+def _validate_split(config: Config) -> None:
+    sp, layers = config.split, config.model.n_layers
+    for key in ("workers", "executors", "aggregate_every"):
+        if getattr(sp, key) < 1:
+            raise ConfigError(f"config key 'split.{key}' must be at least 1; got {getattr(sp, key)}")
+    if sp.executors > sp.workers:
+        raise ConfigError(f"split.executors ({sp.executors}) cannot exceed split.workers ({sp.workers})")
+    if not 1 <= sp.cut < layers:
+        raise ConfigError(
+            f"config key 'split.cut' must cut the model between two blocks, 1 .. {layers - 1} "
+            f"(model.n_layers is {layers}); got {sp.cut}"
+        )
+    if sp.server_lr is not None and sp.server_lr <= 0:
+        raise ConfigError(f"config key 'split.server_lr' must be positive; got {sp.server_lr}")
+    if config.wan.enabled:
+        raise ConfigError("the wan section links regions; the split mode's links are the devices section's")
+    if config.data.source.startswith("hf:"):
+        raise ConfigError("mode split deals a local corpus's domains to workers; 'hf:' streams are not supported")

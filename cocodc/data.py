@@ -212,12 +212,14 @@ class ShardLoader:
     def _epoch_order(self) -> np.ndarray:
         return self.indices[np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.indices))]
 
-    def next_batch(self) -> torch.Tensor:
-        if self.position + self.batch_size > len(self._order):
+    def next_batch(self, size: int | None = None) -> torch.Tensor:
+        """The next `size` (train.batch_size unless given) sequences of this epoch's order."""
+        size = self.batch_size if size is None else size
+        if self.position + size > len(self._order):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._epoch_order()
-        rows = self._order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
+        rows = self._order[self.position : self.position + size]
+        self.position += size
         return torch.from_numpy(self.sequences[np.sort(rows)].astype(np.int64))
 
     def state_dict(self) -> dict[str, int]:

@@ -161,6 +161,11 @@ class Metrics:
             self._write({**record, "region": self.region})
             if record["kind"] == "round":
                 self._round(record)
+            if record["kind"] == "split" and record["excluded"]:
+                workers = ", ".join(map(str, record["excluded"]))
+                self.print(f"step {record['step']:>6} | worker(s) {workers} failed or sent non-finite values: left out")
+            if record["kind"] == "batch_sizes":
+                self.print(f"step {record['step']:>6} | batch regulation: worker batch sizes {record['sizes']}")
             if record["kind"] != "sync":
                 continue
             if record["excluded"]:

@@ -19,6 +19,7 @@ from cocodc.data import RankData, load_client_data, load_rank_data
 from cocodc.model import Transformer
 from cocodc.modes.federated import FederatedMode, load_initial_model
 from cocodc.modes.regions import RegionsMode
+from cocodc.modes.split import SplitMode
 from cocodc.topology import init_topology, shutdown
 from cocodc.trainer import Interrupted, Mode, Trainer, build_tokenizer, open_run, threads_per_rank
 
@@ -58,12 +59,14 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
     intra = CommEngine(topology.intra_group, name=f"region {topology.region}", timeout_s=timeout)
     data_args = dict(seed=config.seed, batch_size=config.train.batch_size, seq_len=config.train.seq_len)
     mode: Mode
-    if config.mode == "federated":
+    if config.mode in ("federated", "split"):
+        clients = config.federated.clients if config.mode == "federated" else config.split.workers
         shards, evals = load_client_data(
-            config.data, tokenizer, clients=config.federated.clients, eval_batch_count=config.eval.batches, **data_args
+            config.data, tokenizer, clients=clients, eval_batch_count=config.eval.batches, **data_args
         )
         data = RankData(shards, evals)
-        mode = FederatedMode(config, topology, model, shards)
+        mode_class = FederatedMode if config.mode == "federated" else SplitMode
+        mode = mode_class(config, topology, model, shards)
     else:
         data = load_rank_data(
             config.data,
