@@ -173,9 +173,12 @@ class SplitMode:
             sends.append(self.wan.send(x.detach().float(), SERVER, tag=w, codec=sp.quantize))
             if sp.shape == "two":
                 sends.append(self.wan.send(targets[w], SERVER, tag=w))
-        losses = {}
-        for w in self.workers:  # left out, a worker gets one empty message in place of its replies
-            if sp.shape == "u":
+        # Left out, a worker gets one empty message in place of the replies it waits for. All the
+        # heads run before any gradient is awaited: the server replies only when the group is done.
+        losses, waiting = {}, list(self.workers)
+        if sp.shape == "u":
+            waiting = []
+            for w in self.workers:
                 hidden = self.wan.recv(SERVER, tag=w, device=trainer.device).wait()
                 if hidden.numel() == 0:
                     continue
@@ -187,6 +190,8 @@ class SplitMode:
                 losses[w] = loss.item()
                 sends.append(self.wan.send(hidden.grad, SERVER, tag=w, codec=sp.quantize))
                 sends.append(self.wan.send(torch.tensor([loss.item()], dtype=torch.float64), SERVER, tag=w))
+                waiting.append(w)
+        for w in waiting:
             gradient = self.wan.recv(SERVER, tag=w, device=trainer.device).wait()
             if gradient.numel():
                 activations[w].backward(gradient.to(activations[w].dtype))
