@@ -161,9 +161,8 @@ class Metrics:
             self._write({**record, "region": self.region})
             if record["kind"] == "round":
                 self._round(record)
-            if record["kind"] == "split" and record["excluded"]:
-                workers = ", ".join(map(str, record["excluded"]))
-                self.print(f"step {record['step']:>6} | worker(s) {workers} failed or sent non-finite values: left out")
+            if record["kind"] == "split":
+                self._split(record)
             if record["kind"] == "batch_sizes":
                 self.print(f"step {record['step']:>6} | batch regulation: worker batch sizes {record['sizes']}")
             if record["kind"] != "sync":
@@ -196,6 +195,22 @@ class Metrics:
             charted = {f"round/{k}": v for k, v in values.items() if k not in ("round", "kind")}
             self.wandb.log({"round": record["round"], **charted})
 
+    def _split(self, record: dict[str, Any]) -> None:
+        """A split-learning step's record: a console line for workers left out; totals to wandb."""
+        if record["excluded"]:
+            workers = ", ".join(map(str, record["excluded"]))
+            self.print(f"step {record['step']:>6} | worker(s) {workers} failed or sent non-finite values: left out")
+        if self.wandb is not None:
+            self.wandb.log(
+                {
+                    "inner_step": record["step"],
+                    "split/modelled_s": record["modelled_s"],
+                    "split/bytes_up": sum(record["bytes_up"]),
+                    "split/bytes_down": sum(record["bytes_down"]),
+                    "split/excluded": len(record["excluded"]),
+                }
+            )
+
     def summary(self, summary: dict[str, Any]) -> None:
         if self.is_leader:
             path = self.run_dir / "summary.json"
@@ -223,7 +238,7 @@ def _start_wandb(config: Config, region: int) -> Any:
 
     run_dir = config.run_dir
     role = f"region{region}"
-    if config.mode == "federated":
+    if config.mode in ("federated", "split"):
         role = "server" if region == 0 else f"executor{region}"
     id_file = run_dir / f"wandb-region{region}.id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
@@ -248,4 +263,5 @@ def _start_wandb(config: Config, region: int) -> Any:
         run.define_metric(f"{prefix}/*", step_metric=axis)
     run.define_metric("sync/*", step_metric="outer_step")
     run.define_metric("round/*", step_metric="round")
+    run.define_metric("split/*", step_metric="inner_step")
     return run

@@ -44,6 +44,8 @@ def load_curve(run: Path) -> dict:
 def label(config: dict) -> str:
     if config.get("mode") == "federated":
         return federated_label(config["federated"])
+    if config.get("mode") == "split":
+        return split_label(config["split"])
     sync = config["sync"]
     method = sync["method"]
     if method in ("ddp", "diloco"):
@@ -68,6 +70,17 @@ def federated_label(federated: dict) -> str:
         parts.append(federated["quantize"])
     if federated["lora_rank"]:
         parts.append(f"LoRA r={federated['lora_rank']}")
+    return " ".join(parts)
+
+
+def split_label(split: dict) -> str:
+    parts = ["merged features" if split["merge"] else "SplitFed v2", f"{split['shape']} shape", f"cut {split['cut']}"]
+    if split["aggregate_every"] > 1:
+        parts.append(f"FedAvg every {split['aggregate_every']}")
+    if split["batch_regulation"]:
+        parts.append("batch regulation")
+    if split["quantize"] != "fp32":
+        parts.append(split["quantize"])
     return " ".join(parts)
 
 
