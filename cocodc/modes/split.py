@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cocodc.comm import CommEngine, Handle
+from cocodc.comm.codec import get_codec
 from cocodc.config import Config
 from cocodc.data import ClientShards, ShardLoader
 from cocodc.devices import DeviceProfiles
@@ -108,6 +109,7 @@ class SplitMode:
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
         total = sp.workers * config.train.batch_size
         self.sizes = [config.train.batch_size] * sp.workers
+        self.regulated: dict[str, Any] | None = None  # the regulation's inputs, until logged
         if sp.batch_regulation:
             per_sequence = per_sequence_s(
                 self.profiles, config.train.batch_size, config.devices.step_s, self._activation_bytes(1)
@@ -135,8 +137,6 @@ class SplitMode:
 
     def _activation_bytes(self, sequences: int) -> int:
         """Encoded bytes of `sequences` sequences' activations (what the codec sends per worker)."""
-        from cocodc.comm.codec import get_codec
-
         numel = sequences * self.config.train.seq_len * self.config.model.d_model
         return get_codec(self.settings.quantize).encoded_bytes(numel)
 
@@ -369,7 +369,7 @@ class SplitMode:
 
     def after_step(self) -> list[dict[str, Any]]:
         records, self.records = self.records, []
-        if self.settings.batch_regulation and self.is_server and getattr(self, "regulated", None) is not None:
+        if self.regulated is not None and self.is_server:
             records.insert(
                 0,
                 {
