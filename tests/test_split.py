@@ -2,10 +2,11 @@
 
 import pytest
 
+from cocodc.comm.wan import AccessLinks
 from cocodc.config import ConfigError, load_config
 from cocodc.devices import DeviceProfiles
 from cocodc.model import Transformer
-from cocodc.split.plan import activation_arrivals, on_worker, per_sequence_s, regulate_batches
+from cocodc.split.plan import activation_arrivals, gradients_back, on_worker, per_sequence_s, regulate_batches
 
 from conftest import REPO
 
@@ -49,6 +50,25 @@ def test_activations_queue_at_the_servers_link():
     # worker 0: 0.5 s of compute, 1 s at the server's 1 MB/s; worker 1: 1 s of compute, then waits
     # for the server's link until 1.5 s, 1 s more, and its 10 ms of latency.
     assert arrivals == pytest.approx([1.5, 2.51])
+
+
+def test_splitfed_serves_each_worker_as_it_arrives_and_merging_waits_for_all():
+    arrivals = [1.0, 3.0]
+    legs = {"gradient": [0, 0], "hidden": [0, 0], "reply": [0, 0]}
+    instant = AccessLinks.build([0.0, 0.0, 10.0], [0.0, 0.0, 0.0])  # worker 1 is 10 ms away
+    # SplitFed v2: worker 0 at 1 s (+0.5 s forward, +0.25 s rest), worker 1 from 3 s.
+    assert gradients_back(arrivals, instant, [([0], 0.5, 0.25), ([1], 0.5, 0.25)], legs, u_shape=False) == (
+        pytest.approx([1.75, 3.76])
+    )
+    # merged: one group from 3 s, a longer compute.
+    assert gradients_back(arrivals, instant, [([0, 1], 0.75, 0.5)], legs, u_shape=False) == pytest.approx([4.25, 4.26])
+    # u shape: the output goes to the members and back between the forward and the rest.
+    u = gradients_back(
+        arrivals, AccessLinks.build([0.0, 0.0, 10.0], [0.0, 0.0, 0.0]), [([0, 1], 0.75, 0.5)], legs, u_shape=True
+    )
+    assert u == pytest.approx([3.75 + 0.02 + 0.5, 3.75 + 0.02 + 0.5 + 0.01])
+    # a worker left out (in no group) is done when its activations are in
+    assert gradients_back(arrivals, instant, [([1], 0.5, 0.0)], legs, u_shape=False)[0] == 1.0
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from cocodc.data import ClientShards, ShardLoader
 from cocodc.devices import DeviceProfiles
 from cocodc.federated.clients import executor_of
 from cocodc.modes.federated import FAULTS_ENV, parse_faults
-from cocodc.split.plan import activation_arrivals, on_worker, per_sequence_s, regulate_batches
+from cocodc.split.plan import activation_arrivals, gradients_back, on_worker, per_sequence_s, regulate_batches
 from cocodc.topology import Topology
 from cocodc.trainer import Stateful, Trainer, autocast_for, inner_optimizer, lr_at
 
@@ -264,23 +264,25 @@ class SplitMode:
             for w in range(sp.workers)
         }
         groups = [list(range(sp.workers))] if sp.merge else [[w] for w in range(sp.workers)]
-        sent, received = [0] * sp.workers, [0] * sp.workers
+        # Bytes per worker of each leg of the exchange, and the server's measured compute per group
+        # (its forward, and the rest), for the step's timeline on the modelled links.
+        legs = {leg: [0] * sp.workers for leg in ("activations", "hidden", "reply", "gradient")}
+        timeline: list[tuple[list[int], float, float]] = []
         excluded, losses, sends = [], [], []
-        compute_s = 0.0
 
-        def send(w: int, tensor: torch.Tensor, codec: str | None = None) -> None:
+        def send(w: int, tensor: torch.Tensor, leg: str, codec: str | None = None) -> None:
             sends.append(self.wan.send(tensor, executor[w], tag=w, codec=codec))
-            sent[w] += sends[-1].bytes_sent
+            legs[leg][w] += sends[-1].bytes_sent
 
         for group in groups:
             inputs, labels, members = [], [], []
             for w in group:
                 x = pending[w][0].wait()
                 y = pending[w][1].wait() if pending[w][1] is not None else None
-                received[w] += sum(h.bytes_received for h in pending[w] if h is not None)
+                legs["activations"][w] += sum(h.bytes_received for h in pending[w] if h is not None)
                 if x.numel() == 0 or not torch.isfinite(x).all():
                     excluded.append(w)
-                    send(w, EMPTY)
+                    send(w, EMPTY, "gradient")
                     continue
                 inputs.append(x)
                 labels.append(y)
@@ -293,6 +295,8 @@ class SplitMode:
             share = [n / sum(rows) for n in rows]  # each member's part of the group's mean loss
             with autocast:
                 hidden = self.model.run_blocks(merged, sp.cut, self.layers)
+            rest_started = time.perf_counter()
+            forward_s = rest_started - started
             if sp.shape == "two":
                 with autocast:
                     logits = self.model.logits(hidden)
@@ -302,7 +306,7 @@ class SplitMode:
             else:
                 replies = []
                 for w, piece in zip(members, hidden.detach().float().split(rows), strict=True):
-                    send(w, piece, sp.quantize)
+                    send(w, piece, "hidden", sp.quantize)
                     replies.append(
                         (self.wan.recv(executor[w], tag=w, device=device), self.wan.recv(executor[w], tag=w))
                     )
@@ -310,15 +314,16 @@ class SplitMode:
                 for w, (grad_handle, loss_handle), weight, n in zip(members, replies, share, rows, strict=True):
                     gradients.append(grad_handle.wait() * weight)  # own mean loss -> the group's
                     losses.append((n, loss_handle.wait().item()))
-                    received[w] += grad_handle.bytes_received + loss_handle.bytes_received
+                    legs["reply"][w] += grad_handle.bytes_received + loss_handle.bytes_received
+                rest_started = time.perf_counter()  # the rest of the compute follows the workers' replies
                 hidden.backward(torch.cat(gradients).to(hidden.dtype))
             self._server_optimizer_step(trainer, lr)
-            compute_s += time.perf_counter() - started
+            timeline.append((members, forward_s, time.perf_counter() - rest_started))
             for w, gradient, weight in zip(members, merged.grad.split(rows), share, strict=True):
-                send(w, gradient / weight, sp.quantize)  # the gradient of the worker's own mean loss
+                send(w, gradient / weight, "gradient", sp.quantize)  # the gradient of the worker's own mean loss
         for handle in sends:
             handle.wait()
-        self._record(trainer.step, sent, received, excluded, compute_s)
+        self._record(trainer.step, legs, timeline, excluded)
         self._step_parts(trainer, lr, included=[])
         loss = sum(n * v for n, v in losses) / sum(n for n, _ in losses) if losses else math.nan
         return loss, time.perf_counter() - began
@@ -331,8 +336,10 @@ class SplitMode:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
-    def _record(self, step: int, sent: list[int], received: list[int], excluded: list[int], compute_s: float) -> None:
-        """The step's record: bytes per worker each way and when, on the modelled links, every
+    def _record(
+        self, step: int, legs: dict[str, list[int]], timeline: list[tuple[list[int], float, float]], excluded: list[int]
+    ) -> None:
+        """The step's record: bytes per worker each way, and on the modelled links when every
         worker's activations arrived and its gradient was back."""
         d = self.config.devices
         arrivals, links = activation_arrivals(
@@ -340,28 +347,27 @@ class SplitMode:
             self.sizes,
             batch_size=self.config.train.batch_size,
             step_s=d.step_s,
-            sent_bytes=received,
+            sent_bytes=legs["activations"],
             server_bandwidth_mbps=d.server_bandwidth_mbps,
         )
-        # The server starts when the last activation is in (merged) or each in turn (SplitFed v2),
-        # and takes the compute time it measured; then the gradients go back.
-        server_done = max(arrivals) + compute_s
-        back = [links.transfer(0, 1 + w, sent[w], server_done) for w in range(len(sent))]
+        done = gradients_back(arrivals, links, timeline, legs, u_shape=self.settings.shape == "u")
+        up = [a + r for a, r in zip(legs["activations"], legs["reply"], strict=True)]
+        down = [h + g for h, g in zip(legs["hidden"], legs["gradient"], strict=True)]
         record = {
             "kind": "split",
             "step": step,
             "batch_sizes": list(self.sizes),
-            "bytes_up": received,
-            "bytes_down": sent,
+            "bytes_up": up,
+            "bytes_down": down,
             "arrived_s": arrivals,
-            "done_s": back,
-            "modelled_s": max(back),
+            "done_s": done,
+            "modelled_s": max(done),
             "excluded": excluded,
         }
         self.records.append(record)
         t = self.totals
-        t["bytes_up"] += sum(received)
-        t["bytes_down"] += sum(sent)
+        t["bytes_up"] += sum(up)
+        t["bytes_down"] += sum(down)
         t["modelled_s"] += record["modelled_s"]
         t["left_out"] += len(excluded)
 

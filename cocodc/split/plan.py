@@ -62,3 +62,32 @@ def activation_arrivals(
     for w in sorted(range(len(sizes)), key=lambda w: (computed[w], w)):
         arrivals[w] = links.transfer(1 + w, 0, sent_bytes[w], computed[w])
     return arrivals, links
+
+
+def gradients_back(
+    arrivals: Sequence[float],
+    links: AccessLinks,
+    timeline: Sequence[tuple[Sequence[int], float, float]],
+    legs: dict[str, Sequence[int]],
+    *,
+    u_shape: bool,
+) -> list[float]:
+    """When each worker has its gradient back. The server takes the groups of `timeline` (members,
+    forward seconds, the rest of its compute) in order, each once its members' activations are in
+    and the server is free; in the u shape its output goes to the members (`legs["hidden"]` bytes)
+    and their replies (`legs["reply"]`) come back between its forward and the rest (the workers'
+    heads take no modelled time); then each member's gradient (`legs["gradient"]`) goes back. A
+    worker in no group (left out) is done when its activations are in."""
+    done = list(arrivals)
+    server_free = 0.0
+    for members, forward_s, rest_s in timeline:
+        clock = max(server_free, *(arrivals[w] for w in members)) + forward_s
+        if u_shape:
+            clock = max(
+                links.transfer(1 + w, 0, legs["reply"][w], links.transfer(0, 1 + w, legs["hidden"][w], clock))
+                for w in members
+            )
+        server_free = clock + rest_s
+        for w in members:
+            done[w] = links.transfer(0, 1 + w, legs["gradient"][w], server_free)
+    return done
