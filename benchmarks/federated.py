@@ -32,16 +32,16 @@ and the command) and two plots: eval loss against rounds, and against modelled w
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sweep import band, git_state, ok, progress, source_digest, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
@@ -93,24 +93,6 @@ def base_settings(args: argparse.Namespace) -> list[str]:
     return [*SMALL, f"federated.rounds={args.rounds}", f"federated.deadline_s={args.deadline_s:g}", *args.set]
 
 
-def cocodc_command() -> list[str]:
-    script = Path(sys.executable).parent / "cocodc"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "cocodc.cli"]
-
-
-def finished(run_dir: Path, config_file: str, settings: list[str]) -> bool:
-    """The run directory holds a finished run of exactly this config."""
-    import yaml
-
-    from cocodc.config import load_config
-
-    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
-        return False
-    config = load_config(config_file, settings)
-    wanted = yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return yaml.safe_load((run_dir / "config.yaml").read_text()) == wanted
-
-
 def run(args: argparse.Namespace, strategy: str, value: float | None, alpha: str, seed: int, phase: str) -> dict:
     """One `cocodc train` (or its finished run directory): its numbers, or its failure."""
     from cocodc.metrics import read_records
@@ -121,25 +103,11 @@ def run(args: argparse.Namespace, strategy: str, value: float | None, alpha: str
         *alpha_settings(alpha), f"seed={seed}", f"run.dir={args.scratch}", f"run.name={name}",
     ]  # fmt: skip
     run_dir = args.scratch / name
-    command = [*cocodc_command(), "train", "-c", args.config, "--overwrite"]
-    for setting in settings:
-        command += ["--set", setting]
     entry = {"name": name, "phase": phase, "strategy": strategy, "knob": knob_label(strategy, value),
-             "value": value, "alpha": alpha, "seed": seed, "command": shlex.join(command)}  # fmt: skip
-    if not args.rerun and finished(run_dir, args.config, settings):
-        entry.update(reused=True, process_s=None, rc=0)
-    else:
-        logs = args.scratch / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        began = time.perf_counter()
-        with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
-            rc = subprocess.run(command, stdout=out, stderr=err, cwd=ROOT).returncode
-        entry.update(reused=False, process_s=round(time.perf_counter() - began, 2), rc=rc)
-        if rc:
-            tail = (logs / f"{name}.err").read_text().splitlines()[-20:]
-            entry["stderr_tail"] = "\n".join(tail)
-            print(f"federated: {name} failed (exit {rc}):\n{entry['stderr_tail']}", file=sys.stderr)
-            return entry
+             "value": value, "alpha": alpha, "seed": seed}  # fmt: skip
+    entry.update(train_run(args.config, settings, args.scratch, name, rerun=args.rerun, tail=20))
+    if entry["rc"]:
+        return entry
     summary = json.loads((run_dir / "summary.json").read_text())
     records = read_records(run_dir / "metrics.jsonl")
     rounds = sorted((r for r in records if r["kind"] == "round"), key=lambda r: r["round"])
@@ -168,32 +136,6 @@ def run(args: argparse.Namespace, strategy: str, value: float | None, alpha: str
         wall_s=summary.get("wall_s"),
     )
     return entry
-
-
-def source_digest() -> str:
-    """A digest of the package's sources: the sweep says when they changed under it."""
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "cocodc").rglob("*.py")):
-        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def git_state() -> dict:
-    def git(*cmd: str) -> str:
-        done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    return {"head": git("rev-parse", "HEAD"), "changed": git("status", "--porcelain").splitlines()}
-
-
-def ok(entry: dict) -> bool:
-    return entry.get("rc") == 0 and math.isfinite(entry.get("final_eval_loss", math.nan))
-
-
-def progress(entry: dict, where: str) -> None:
-    loss = f"final eval loss {entry['final_eval_loss']:.4f}" if ok(entry) else f"FAILED (exit {entry['rc']})"
-    took = "reused" if entry.get("reused") else f"{entry.get('process_s', 0):.0f}s"
-    print(f"[{where}] {entry['name']}: {loss} ({took})", file=sys.stderr, flush=True)
 
 
 def tune(args: argparse.Namespace, results: dict, save) -> dict[str, float]:
@@ -321,19 +263,6 @@ def tuning_table(results: dict) -> str:
         kept = "yes" if results["chosen"].get(r["strategy"]) == r["value"] else ""
         lines.append(f"| {r['strategy']} | {r['knob']} | {loss} | {kept} |")
     return "\n".join(lines)
-
-
-def band(runs: list[dict], x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Per eval point: median x over seeds, and the median, min and max loss."""
-    points = min(len(r["eval_loss"]) for r in runs)
-    xs, mid, low, high = [], [], [], []
-    for i in range(points):
-        xs.append(statistics.median(r[x_key][i] for r in runs))
-        losses = [r["eval_loss"][i] for r in runs]
-        mid.append(statistics.median(losses))
-        low.append(min(losses))
-        high.append(max(losses))
-    return xs, mid, low, high
 
 
 def plots(results: dict, rows: list[dict], out: Path) -> list[Path]:
