@@ -14,16 +14,18 @@ import torch
 
 from cocodc.metrics import read_records
 
-from conftest import FAST, TINY, overrides
+from conftest import FAST, REPO, TINY, overrides
+
+FEDERATED, SPLIT = str(REPO / "configs" / "federated.yaml"), str(REPO / "configs" / "split.yaml")
 
 TIMEOUT_S = 8  # topology.timeout_s of these runs: the bound on noticing a silent peer
 
 
-def start(root: Path, *settings: str) -> subprocess.Popen:
+def start(root: Path, *settings: str, config: str = TINY) -> subprocess.Popen:
     args = overrides(*FAST, "train.steps=100000", "eval.every=0", "checkpoint.every=5", "sync.sync_every=4",
                      f"topology.timeout_s={TIMEOUT_S}", f"run.dir={root}", "run.name=lost", *settings)  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "cocodc.cli", "train", "-c", TINY, *args]
+    command = [sys.executable, "-m", "cocodc.cli", "train", "-c", config, *args]
     return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -77,9 +79,18 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("cocodc: error:")]
 
 
-@pytest.mark.parametrize("method", ["diloco", "ddp"])  # ddp: the all-reduce fails inside backward
-def test_a_killed_rank_ends_the_run_with_one_line_per_rank(tmp_path, method):
-    launcher = start(tmp_path, "topology.regions=3", f"sync.method={method}")
+CASES = {  # name: (config, settings, what of the mode a rescue holds)
+    "diloco": (TINY, ["topology.regions=3", "sync.method=diloco"], {"global_params"}),
+    "ddp": (TINY, ["topology.regions=3", "sync.method=ddp"], set()),  # the all-reduce fails inside backward
+    "federated": (FEDERATED, ["federated.rounds=100000", "federated.local_steps=2"], {"global_vector"}),
+    "split": (SPLIT, ["split.cut=1"], set()),  # rank 1: an executor
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_killed_rank_ends_the_run_with_one_line_per_rank(tmp_path, case):
+    config, settings, mode_state = CASES[case]
+    launcher = start(tmp_path, *settings, config=config)
     run = tmp_path / "lost"
     wait_for_step(run, 6, launcher)
     victim = next(pid for pid, env in processes_of(run).items() if env.get("RANK") == "1")
@@ -91,7 +102,10 @@ def test_a_killed_rank_ends_the_run_with_one_line_per_rank(tmp_path, method):
     rescued = sorted((run / "checkpoints" / "rescue").iterdir())
     assert {path.name.split("-")[0] for path in rescued} <= {"rank0", "rank2"} and rescued
     state = torch.load(rescued[0], weights_only=True)
-    assert {"model", "optimizer", "data"} <= set(state) and ("global_params" in state) == (method == "diloco")
+    assert {"model", "optimizer", "data"} <= set(state) and set(state) & {
+        "global_params",
+        "global_vector",
+    } == mode_state
 
 
 needs_root = pytest.mark.skipif(
