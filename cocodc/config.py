@@ -436,6 +436,11 @@ def validate(config: Config) -> None:
             )
     if s.max_staleness < 0:
         raise ConfigError(f"config key 'sync.max_staleness' must not be negative; got {s.max_staleness}")
+    if 0 < s.max_staleness < s.sync_every:
+        raise ConfigError(
+            f"config key 'sync.max_staleness' ({s.max_staleness}) must be at least sync.sync_every "
+            f"({s.sync_every}), or 0 (2 x sync_every): one fragment a slot syncs each every sync_every steps at best"
+        )
     if s.dc_lambda < 0:
         raise ConfigError(f"config key 'sync.dc_lambda' must not be negative; got {s.dc_lambda}")
     if not 0 <= s.dc_beta < 1:

@@ -1,5 +1,6 @@
 """The outer-sync math on tiny tensors, with hand-computed values."""
 
+import random
 import time
 
 import pytest
@@ -297,23 +298,51 @@ def test_cocodc_in_a_user_loop(method, expected):
     assert outer.global_params[0][0].item() == pytest.approx(0.468, abs=1e-6)
 
 
-def test_adaptive_schedule_picks_the_largest_drift_and_respects_staleness():
-    # H = 12, P = 3: slots of K = 4 steps; staleness bound 8 steps.
-    schedule = AdaptiveSchedule(12, 3, delay=2, max_staleness=8)
+def test_adaptive_schedule_picks_the_largest_current_drift_and_keeps_the_bound_at_the_apply():
+    # H = 12, P = 3: slots of K = 4 steps; staleness bound 16 steps.
+    schedule = AdaptiveSchedule(12, 3, delay=2, max_staleness=16)
     first = schedule.decide(1, [0, 0, 0])
     assert (first.reason, first.slot) == ("round-robin", first.slot.__class__(1, 0, 2, 4))
     # Fragment 1 drifts most; tau covers 0.35 s of transfer at 0.1 s a step with a 1.25 margin: 5,
-    # clamped to K - 1 = 3.
-    chosen = schedule.decide(2, [4, 0, 0], drift=[0.1, 0.7, 0.2], step_s=0.1, transfer_s=0.35)
+    # clamped to K - 1 = 3. Fragment 0's drift was measured at step 2, before its apply at 4: it counts 0.
+    chosen = schedule.decide(2, [4, 0, 0], drift=[0.9, 0.7, 0.2], step_s=0.1, transfer_s=0.35, measured_at=2)
     assert (chosen.reason, chosen.slot.fragment, chosen.slot.send_step, chosen.slot.apply_step) == ("drift", 1, 5, 8)
-    assert schedule.decide(3, [4, 8, 0], drift=[0.1, 0.7, 0.2], step_s=0.1, transfer_s=0.1).slot.send_step == 10
-    # Slot 4 starts at step 12: fragment 2, never applied, has waited 12 >= 8 steps and goes first,
-    # whatever the drift says; of two stale fragments the longer-waiting one goes.
-    stale = schedule.decide(4, [4, 8, 0], drift=[0.9, 0.7, 0.2])
-    assert (stale.reason, stale.slot.fragment) == ("stale", 2)
-    assert schedule.decide(5, [4, 8, 16], drift=[0.0, 0.7, 0.2]).slot.fragment == 0
-    # Equal drift: the fragment applied longest ago.
-    assert schedule.decide(6, [20, 8, 16], drift=[0.5, 0.5, 0.5]).slot.fragment == 1
+    # The numbers that rode along with fragment 1 were measured at its send (5): fragment 1, applied
+    # at 8, is not picked again on them, though its old drift is the largest.
+    again = schedule.decide(3, [4, 8, 0], drift=[0.1, 0.7, 0.2], step_s=0.1, transfer_s=0.1, measured_at=5)
+    assert (again.reason, again.slot.fragment, again.slot.send_step) == ("drift", 2, 10)
+    # Slot 5 applies at 20; waiting one more slot would leave fragment 1 unsynced from 4 to 24 > 16
+    # steps: it goes now, whatever the drift says; of two such fragments the longer-waiting one.
+    stale = schedule.decide(5, [16, 4, 12], drift=[0.9, 0.0, 0.9], measured_at=14)
+    assert (stale.reason, stale.slot.fragment) == ("stale", 1)
+    assert schedule.decide(6, [8, 4, 20], drift=[0.9, 0.9, 0.9], measured_at=18).slot.fragment == 1
+    # Equal current drift: the fragment applied longest ago.
+    assert schedule.decide(6, [20, 12, 16], drift=[0.5, 0.5, 0.5], measured_at=18).slot.fragment == 1
+    with pytest.raises(ValueError, match=r"max_staleness \(8\) must be at least sync_every \(12\)"):
+        AdaptiveSchedule(12, 3, delay=2, max_staleness=8)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_adaptive_schedule_keeps_its_bound_and_never_repicks_on_old_numbers(seed):
+    rng = random.Random(seed)
+    fragments = rng.choice([2, 3, 4, 6])
+    slot_len = rng.choice([2, 3, 5, 8])
+    sync_every = fragments * slot_len
+    bound = rng.randint(sync_every, 3 * sync_every)
+    schedule = AdaptiveSchedule(sync_every, fragments, delay=1, max_staleness=bound)
+    last_applied, drift, measured_at, previous = [0] * fragments, None, 0, None
+    for index in range(1, 200):
+        decision = schedule.decide(index, last_applied, drift, measured_at=measured_at)
+        slot = decision.slot
+        if previous is not None and decision.reason == "drift":
+            assert slot.fragment != previous.fragment  # its drift predates its apply
+        # The telemetry that rides along is measured at this send, for every fragment.
+        drift = [rng.expovariate(1.0) for _ in range(fragments)]
+        measured_at = slot.send_step
+        assert slot.apply_step - last_applied[slot.fragment] <= bound
+        last_applied[slot.fragment] = slot.apply_step
+        assert all(slot.apply_step - last <= bound for last in last_applied)
+        previous = slot
 
 
 def test_adaptive_schedule_timeline_and_bounds():

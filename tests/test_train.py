@@ -220,7 +220,18 @@ def test_cocodc_adaptive_schedule_decides_alike_in_three_regions(tmp_path):
         "checkpoint.every=0",
     )
     records = read_records(run / "metrics.jsonl")
-    keys = ("slot", "fragment", "reason", "send_step", "apply_step", "tau", "drift", "step_s", "transfer_s")
+    keys = (
+        "slot",
+        "fragment",
+        "reason",
+        "send_step",
+        "apply_step",
+        "tau",
+        "drift",
+        "measured_at",
+        "step_s",
+        "transfer_s",
+    )
     decisions = {m: [tuple(str(r[k]) for k in keys) for r in records if r["kind"] == "decision" and r["region"] == m]
                  for m in range(3)}  # fmt: skip
     assert len(decisions[0]) == 24 // 4 and decisions[0] == decisions[1] == decisions[2]
@@ -240,8 +251,13 @@ def test_cocodc_adaptive_schedule_decides_alike_in_three_regions(tmp_path):
         # P = 4 fragments, K = 2, tau = 3: two fragments in flight at the stop.
         ("sync.method=cocodc", "sync.fragments=4", "model.n_layers=4", "sync.sync_every=8", "sync.delay=3"),
         # Two ranks per region, each carrying half of every 4-bit fragment.
-        ("sync.method=streaming", "sync.fragments=2", "sync.delay=2", "topology.ranks_per_region=2",
-         "sync.quantize=e3m0"),
+        (
+            "sync.method=streaming",
+            "sync.fragments=2",
+            "sync.delay=2",
+            "topology.ranks_per_region=2",
+            "sync.quantize=e3m0",
+        ),
     ],
     ids=["in-flight", "two-ranks-e3m0"],
 )

@@ -80,6 +80,7 @@ class OuterSync:
         # Adaptive schedule: the numbers that rode along in the last applied collective (drift of
         # every fragment, step time, transfer time; means over regions), and this region's own.
         self.shared: list[float] | None = None
+        self.shared_at = 0  # the inner step those numbers were measured at (that collective's send)
         self.step_s = 0.0
         self.transfer_s = 0.0
         self._step_ended: float | None = None
@@ -142,7 +143,7 @@ class OuterSync:
         count, shared = len(self.fragments), self.shared
         drift = shared[:count] if shared is not None else None
         step_s, transfer_s = shared[count:] if shared is not None and self.config.adaptive_delay else (0.0, 0.0)
-        decision = self.schedule.decide(index, self.last_applied, drift, step_s, transfer_s)
+        decision = self.schedule.decide(index, self.last_applied, drift, step_s, transfer_s, self.shared_at)
         slot = decision.slot
         self._records.append(
             {
@@ -155,6 +156,7 @@ class OuterSync:
                 "apply_step": slot.apply_step,
                 "tau": slot.apply_step - slot.send_step,
                 "drift": list(decision.drift),
+                "measured_at": self.shared_at,
                 "step_s": step_s,
                 "transfer_s": transfer_s,
             }
@@ -209,6 +211,7 @@ class OuterSync:
         mean = rows[:, :width].reshape(-1)[: sum(t.numel() for t in params)]
         if self.adaptive:
             self.shared = rows[:, width:].mean(dim=0).tolist()
+            self.shared_at = pending.slot.send_step
             done_s = pending.done_s if pending.done_s is not None else pending.handle.elapsed_s
             self.transfer_s = done_s
         for param, grad in zip(params, mean.split([t.numel() for t in params]), strict=True):
@@ -294,6 +297,7 @@ class OuterSync:
             "last_applied": list(self.last_applied),
             "schedule": self.schedule.state_dict() if self.adaptive else None,
             "shared": self.shared,
+            "shared_at": self.shared_at,
             "step_s": self.step_s,
             "transfer_s": self.transfer_s,
         }
@@ -311,6 +315,7 @@ class OuterSync:
         if self.adaptive:
             self.schedule.load_state_dict(state["schedule"])
         self.shared, self.step_s, self.transfer_s = state["shared"], state["step_s"], state["transfer_s"]
+        self.shared_at = state["shared_at"]
         # A checkpoint is loaded onto the CPU; what was in flight returns to the parameters' device.
         device = self.global_params[0][0].device
         self._in_flight = {}

@@ -58,11 +58,16 @@ class AdaptiveSchedule:
     Slot j's fragment and overlap are decided when slot j begins (after inner step (j-1)K + 1),
     from numbers every rank holds identically: when each fragment was last applied, and the
     region-averaged drift of every fragment, step time and transfer time that rode along in the
-    last applied fragment collective. The slot syncs the fragment with the largest drift, unless
-    some fragment has gone `max_staleness` steps unsynced (the longest-unsynced one goes first);
-    its tau is the smallest number of steps that covers the transfer (with a margin), within
-    [1, K - 1], so the send falls inside the slot and at most one fragment is in flight. Until
-    numbers arrive, slots go round-robin with tau = `delay`.
+    last applied fragment collective (measured at its send step). The slot syncs the fragment
+    with the largest drift; a fragment applied after its drift was measured has moved on since,
+    so its drift counts as 0 (the fragment just applied is never picked again on old numbers).
+    The staleness bound holds at every apply: the wanted fragment goes only if every fragment can
+    still be applied within `max_staleness` steps of its last apply afterwards (one a slot,
+    earliest deadline first); else the longest-unsynced goes. The bound must be at least H, the
+    time round-robin needs. The slot's tau is the smallest number
+    of steps that covers the transfer (with a margin), within [1, K - 1], so the send falls
+    inside the slot and at most one fragment is in flight. Until numbers arrive, slots go
+    round-robin with tau = `delay`.
     """
 
     def __init__(self, sync_every: int, fragments: int, delay: int, max_staleness: int = 0, margin: float = 1.25):
@@ -74,6 +79,9 @@ class AdaptiveSchedule:
         if delay >= self.slot_len:
             raise ValueError(f"the adaptive schedule keeps one fragment in flight: delay ({delay}) must be below "
                              f"sync_every / fragments ({self.slot_len})")  # fmt: skip
+        if max_staleness and max_staleness < sync_every:
+            raise ValueError(f"max_staleness ({max_staleness}) must be at least sync_every ({sync_every}): "
+                             "one fragment a slot syncs each fragment every sync_every steps at best")  # fmt: skip
         self.delay = max(delay, 1)
         self.max_staleness = max_staleness or 2 * sync_every
         self.margin = margin
@@ -86,24 +94,41 @@ class AdaptiveSchedule:
         drift: Sequence[float] | None = None,
         step_s: float = 0.0,
         transfer_s: float = 0.0,
+        measured_at: int = 0,
     ) -> Decision:
-        """Plan slot `index` (`drift` None: no numbers have arrived yet)."""
+        """Plan slot `index` (`drift` None: no numbers have arrived yet; `measured_at`: the inner
+        step the drift was measured at)."""
         start = (index - 1) * self.slot_len
+        apply = start + self.slot_len
         self.planned = {i: s for i, s in self.planned.items() if s.apply_step > start}
-        stale = [p for p in range(self.fragments) if start - last_applied[p] >= self.max_staleness]
-        if stale:
-            fragment, reason = min(stale, key=lambda p: (last_applied[p], p)), "stale"
-        elif drift is not None:
-            fragment = max(range(self.fragments), key=lambda p: (drift[p], -last_applied[p], -p))
+        if drift is not None:
+            current = [d if last_applied[p] < measured_at else 0.0 for p, d in enumerate(drift)]
+            wanted = max(range(self.fragments), key=lambda p: (current[p], -last_applied[p], -p))
             reason = "drift"
         else:
-            fragment, reason = (index - 1) % self.fragments, "round-robin"
+            wanted, reason = (index - 1) % self.fragments, "round-robin"
+        fragment = wanted if self._keeps_bound(wanted, last_applied, apply) else self._most_urgent(last_applied)
+        if fragment != wanted:
+            reason = "stale"
         delay = self.delay
         if step_s > 0 and transfer_s > 0:
             delay = min(max(math.ceil(self.margin * transfer_s / step_s), 1), self.slot_len - 1)
-        slot = Slot(index, fragment, start + self.slot_len - delay, start + self.slot_len)
+        slot = Slot(index, fragment, apply - delay, apply)
         self.planned[index] = slot
         return Decision(slot, reason, tuple(drift) if drift is not None else ())
+
+    def _keeps_bound(self, fragment: int, last_applied: Sequence[int], apply: int) -> bool:
+        """Whether, with `fragment` applied at `apply`, one fragment a slot can still apply every
+        fragment within the bound: earliest deadline first meets every deadline iff the i-th
+        soonest is at least i slots after the next one."""
+        latest = [  # per fragment, the last slot (0: the next one) whose apply keeps its bound
+            ((apply if p == fragment else last) + self.max_staleness - apply) // self.slot_len - 1
+            for p, last in enumerate(last_applied)
+        ]
+        return all(slots >= i for i, slots in enumerate(sorted(latest)))
+
+    def _most_urgent(self, last_applied: Sequence[int]) -> int:
+        return min(range(self.fragments), key=lambda p: (last_applied[p], p))
 
     def slot(self, index: int) -> Slot:
         return self.planned[index]
