@@ -42,6 +42,8 @@ METHODS: dict[str, list[str]] = {
     "replay a=0.5": ["sync.method=cocodc", "sync.dc_lambda=0", "sync.alpha=0.5"],
     "cocodc a=0": ["sync.method=cocodc", "sync.alpha=0.0"],
     "cocodc a=0.5": ["sync.method=cocodc", "sync.alpha=0.5"],
+    # The per-tensor normaliser (scale-free at every apply, w capped below 1).
+    "cocodc-tensor a=0.5": ["sync.method=cocodc", "sync.alpha=0.5", "sync.dc_normaliser=tensor"],
 }
 NO_OVERLAP = {"ddp", "diloco"}
 STREAMING = ("streaming a=0", "streaming a=0.5")

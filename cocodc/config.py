@@ -79,6 +79,10 @@ class SyncConfig:
     dc_lambda: float = 0.5
     dc_adaptive: bool = True
     dc_beta: float = 0.99
+    # The adaptive normaliser: "running", the running mean above (w clamped to 1); "tensor", this
+    # apply's mean(delta^2) per tensor, scale-free at every apply (w = lambda where all moved alike,
+    # capped at 0.9).
+    dc_normaliser: Literal["running", "tensor"] = "running"
     # adaptive: each slot syncs the fragment with the largest drift (none unsynced > max_staleness
     # steps; 0: 2 H) and, with adaptive_delay, picks its tau from the measured step and transfer times.
     schedule: Literal["round_robin", "adaptive"] = "round_robin"

@@ -485,3 +485,28 @@ def test_attach_counts_the_optimizer_steps_that_update():
     hook.remove()
     optimizer.step()
     assert outer.inner_step == 2
+
+
+def test_per_tensor_normaliser_by_hand():
+    # delta = [1, 2], delta^2 = [1, 4], mean 2.5: w = 0.5 * [1, 4] / 2.5 = [0.2, 0.8];
+    # theta = global + delta - w * (global - sent) = [2 + 1 - 0.4, 2 + 2 - 0.8].
+    live = [torch.tensor([1.0, 3.0])]
+    stats = merge_compensated(live, [torch.tensor([2.0, 2.0])], [torch.tensor([0.0, 1.0])], 0.5, per_tensor=True)
+    assert torch.allclose(live[0], torch.tensor([2.6, 3.2])) and stats == pytest.approx((0.5, 0.0))
+    # lambda 1: w = [0.4, 1.6], the second capped at 0.9.
+    live = [torch.tensor([1.0, 3.0])]
+    stats = merge_compensated(live, [torch.tensor([2.0, 2.0])], [torch.tensor([0.0, 1.0])], 1.0, per_tensor=True)
+    assert torch.allclose(live[0], torch.tensor([2.2, 3.1])) and stats == pytest.approx((0.65, 0.5))
+
+
+def test_per_tensor_normaliser_over_many_applies_stays_near_lambda_and_below_one():
+    generator = torch.Generator().manual_seed(0)
+    for apply in range(50):
+        scale = 10.0 ** (apply % 7 - 3)  # the size of an apply's drift changes by 10^6 over the run
+        sent = torch.randn(256, generator=generator)
+        live = [sent + scale * torch.randn(256, generator=generator)]
+        steady = [sent + scale * torch.sign(torch.randn(256, generator=generator))]  # every element moved alike
+        global_ = [sent + torch.randn(256, generator=generator)]
+        w_mean, capped = merge_compensated(live, global_, [sent], 0.5, per_tensor=True)
+        assert 0.3 < w_mean <= 0.5 and capped < 0.3  # the cap only lowers the mean from lambda
+        assert merge_compensated(steady, global_, [sent], 0.5, per_tensor=True) == pytest.approx((0.5, 0.0))

@@ -18,6 +18,10 @@ def merge_alpha(live_params: list[torch.Tensor], global_params: list[torch.Tenso
             live.copy_(torch.lerp(new.to(live.dtype), live, alpha))
 
 
+# The per-tensor normaliser's cap on w: at w = 1 an element's outer update would be thrown away.
+TENSOR_W_MAX = 0.9
+
+
 def merge_compensated(
     live_params: list[torch.Tensor],
     global_params: list[torch.Tensor],
@@ -25,27 +29,45 @@ def merge_compensated(
     dc_lambda: float,
     alpha: float = 0.0,
     normalisers: list[torch.Tensor] | None = None,
-) -> None:
+    per_tensor: bool = False,
+) -> tuple[float, float]:
     """CoCoDC's delay-compensated merge (DESIGN section 3), element-wise per tensor:
 
         delta = live - sent                 what the region did while the fragment was in flight
-        w     = lambda * delta^2            (constant), or
-        w     = clamp(lambda * delta^2 / v, 0, 1)   with v a running mean of delta^2 (adaptive)
+        w     = lambda * delta^2            (constant), or normalised (adaptive):
+        w     = clamp(lambda * delta^2 / v, 0, 1)      v a running mean of delta^2 (`normalisers`), or
+        w     = min(lambda * delta^2 / mean(delta^2), 0.9)   per tensor, this apply's (`per_tensor`)
         theta = global + delta - w * (global - sent)
         live <- theta + alpha * (live - theta)
 
     lambda = 0 replays the local progress on top of the new global value; alpha mixes the
     compensated state with the live one (alpha = 0: none of the live state is kept beyond delta).
+    The per-tensor form is scale-free at every apply: a tensor whose elements all moved alike
+    gets w = lambda. Returns w's mean and the fraction of elements at the cap, over the fragment.
     """
+    sums, count = [], 0  # per tensor: w's sum and the elements at the cap, on the device until the end
+    tiny = torch.finfo(torch.float32).tiny
     with torch.no_grad():
         for index, (live, new, sent) in enumerate(zip(live_params, global_params, sent_params, strict=True)):
             delta = live.float() - sent.float()
             weight = delta.square().mul_(dc_lambda)
-            if normalisers is not None:
-                weight.div_(normalisers[index].clamp_min(torch.finfo(torch.float32).tiny)).clamp_(0.0, 1.0)
+            cap = None
+            if per_tensor:
+                weight.div_(delta.square().mean().clamp_min(tiny))
+                cap = TENSOR_W_MAX
+            elif normalisers is not None:
+                weight.div_(normalisers[index].clamp_min(tiny)).clamp_(min=0.0)
+                cap = 1.0
+            at_cap = (weight >= cap).sum().float() if cap is not None else weight.new_zeros(())
+            if cap is not None:
+                weight.clamp_(max=cap)
+            sums.append(torch.stack([weight.sum(), at_cap]))
+            count += weight.numel()
             new32 = new.float()
             theta = new32 + delta - weight * (new32 - sent.float())
             live.copy_(torch.lerp(theta, live.float(), alpha).to(live.dtype))
+    w_sum, capped = torch.stack(sums).sum(dim=0).tolist() if sums else (0.0, 0.0)
+    return w_sum / max(count, 1), capped / max(count, 1)
 
 
 def update_normalisers(

@@ -93,7 +93,7 @@ class OuterSync:
         # Per fragment: the running mean of delta^2 (adaptive compensation), updated at every apply.
         self.normalisers = (
             [[torch.zeros_like(p, dtype=torch.float32) for p in params] for params in self.global_params]
-            if self.compensate and config.dc_adaptive
+            if self.compensate and config.dc_adaptive and config.dc_normaliser == "running"
             else None
         )
         self.inner_step = 0
@@ -222,8 +222,9 @@ class OuterSync:
             with torch.no_grad():
                 for live, new in zip(self.fragments[p].params, params, strict=True):
                     live.copy_(new)
-        else:
-            self._merge(p, pending.sent)
+        merged: dict[str, float] = {}
+        if weights[self.comm.rank] != 0:
+            merged = self._merge(p, pending.sent)
         self.last_applied[p] = self.inner_step
         self.outer_steps += 1
         handle = pending.handle
@@ -241,20 +242,26 @@ class OuterSync:
                 "modelled_s": handle.modelled_s,
                 "blocked_s": handle.blocked_s,
                 "excluded": excluded,
+                **merged,
             }
         )
 
-    def _merge(self, p: int, sent: list[torch.Tensor] | None) -> None:
+    def _merge(self, p: int, sent: list[torch.Tensor] | None) -> dict[str, float]:
+        """Merge fragment p's new global value into the live parameters; cocodc's w statistics."""
         live, config = self.fragments[p].params, self.config
         if sent is None:
             merge_alpha(live, self.global_params[p], config.mix)
-            return
+            return {}
         normalisers = None
         if self.normalisers is not None:
             normalisers = self.normalisers[p]
             first = self.last_applied[p] == 0
             update_normalisers(normalisers, live, sent, 0.0 if first else config.dc_beta)
-        merge_compensated(live, self.global_params[p], sent, config.dc_lambda, config.mix, normalisers)
+        per_tensor = config.dc_adaptive and config.dc_normaliser == "tensor"
+        w_mean, w_capped = merge_compensated(
+            live, self.global_params[p], sent, config.dc_lambda, config.mix, normalisers, per_tensor
+        )
+        return {"w_mean": w_mean, "w_capped": w_capped}
 
     def pop_records(self) -> list[dict[str, Any]]:
         """Records since the last call: one `sync` per applied fragment, one `decision` per slot
