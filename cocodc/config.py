@@ -8,6 +8,8 @@ command line turns it into one line on stderr and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +58,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     threads: int = 0  # torch intra-op threads per rank; 0: the cores divided among local ranks
+    # The outer sync's fused kernels: auto runs Triton on CUDA tensors where triton is installed,
+    # torch forces the reference (the semantics), triton forces the kernels (on CPU: TRITON_INTERPRET=1).
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    # CUDA: deterministic kernels only (slower), so a GPU run repeats bit for bit; the CPU always does.
+    deterministic: bool = False
     log_every: int = 10
 
 
@@ -427,6 +434,10 @@ def validate(config: Config) -> None:
         raise ConfigError("config keys 'train.beta1' and 'train.beta2' must lie in [0, 1)")
     if s.outer_nesterov and s.outer_momentum == 0:
         raise ConfigError("sync.outer_nesterov needs a positive sync.outer_momentum")
+    if tr.kernels == "triton" and importlib.util.find_spec("triton") is None:
+        raise ConfigError("train.kernels triton needs triton installed: pip install 'cocodc[kernels]'")
+    if tr.kernels == "triton" and tr.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("train.kernels triton on train.device cpu runs in Triton's interpreter: TRITON_INTERPRET=1")
     if s.schedule == "adaptive":
         if s.method not in ("streaming", "cocodc"):
             raise ConfigError(f"sync.schedule adaptive needs sync.method streaming or cocodc; got {s.method}")

@@ -55,7 +55,8 @@ def pick_device(config: Config) -> torch.device:
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda but no CUDA device is visible")
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # More local ranks than GPUs share them in turn (gloo only: NCCL takes one GPU per rank).
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -74,6 +75,12 @@ def init_topology(config: Config) -> Topology:
     backend = config.topology.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if backend == "nccl" and local_ranks > torch.cuda.device_count():
+        raise ConfigError(
+            f"{local_ranks} ranks on this host but {torch.cuda.device_count()} GPUs: NCCL needs a GPU per rank; "
+            "topology.backend gloo lets ranks share them"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -6,13 +6,14 @@ It joins the process groups, builds the shared parts (trainer.py) and runs the c
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
 import torch
 from torch import nn
 
-from cocodc import checkpoint
+from cocodc import checkpoint, kernels
 from cocodc.comm import CommEngine, CommError
 from cocodc.config import Config, ConfigError, load_config
 from cocodc.data import RankData, load_client_data, load_rank_data
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_at: int | None = None) -> None:
     topology = init_topology(config)
     torch.set_num_threads(threads_per_rank(config))
+    kernels.set_backend(config.train.kernels)
+    if config.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such version warns
     setup = CommEngine(topology.setup_group, name="setup")
     start_step, state = open_run(config, topology, setup, resume=resume, overwrite=overwrite, stop_at=stop_at)
     tokenizer = build_tokenizer(config, topology, setup)

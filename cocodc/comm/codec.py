@@ -102,16 +102,19 @@ class Fp8Codec(BlockCodec):
 
 class E3M0Codec(BlockCodec):
     """4 bits per value: bit 3 the sign, bits 0-2 a magnitude code k: 0 is zero, k in 1..7 is
-    2^(k - 7) of the block's absmax. Magnitudes round to the nearest of these; two codes a byte,
-    the even-indexed value in the low nibble."""
+    2^(k - 7) of the block's absmax. Magnitudes round to the nearest of these (ties up, zero below
+    2^-7); two codes a byte, the even-indexed value in the low nibble."""
 
     name, bits, top = "e3m0", 4, 1.0
 
     def to_codes(self, scaled: torch.Tensor) -> torch.Tensor:
         magnitude = scaled.abs()
-        # floor(log2(m / 0.75)) is the exponent of the power of two nearest to m (ties go up).
-        exponent = torch.floor(torch.log2(magnitude.clamp_min(2.0**-8) / 0.75)).clamp(-6, 0)
-        k = torch.where(magnitude < 2.0**-7, torch.zeros_like(exponent), exponent + 7).to(torch.uint8)
+        # k counts the midpoints between neighbouring powers of two, 0.75 * 2^j, at or below the
+        # magnitude: comparisons, so exact (a log2 would round near the midpoints).
+        k = torch.ones_like(magnitude, dtype=torch.uint8)
+        for j in range(-5, 1):
+            k += magnitude >= 0.75 * 2.0**j
+        k = torch.where(magnitude >= 2.0**-7, k, 0)
         nibbles = k | (scaled < 0).to(torch.uint8) << 3
         return nibbles[:, 0::2] | nibbles[:, 1::2] << 4
 

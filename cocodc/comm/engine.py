@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from cocodc import kernels
 from cocodc.comm.codec import CODECS, Codec, get_codec
 from cocodc.comm.wan import LinkModel
 
@@ -230,12 +231,17 @@ class Handle:
         return self._pending.future().then(complete)
 
 
+# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); earlier releases have only that.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @dataclass
 class _Reduction:
     """One member's part of a weighted reduction."""
 
     codec: Codec
     values: torch.Tensor | None  # flat, in `dtype`, on the wire's device; None at weight 0
+    minus: torch.Tensor | None  # subtracted from the body as it is encoded (the gather path)
     dtype: torch.dtype  # every member's: fp32, or float64 for an unquantized float64 tensor
     body: int  # values encoded by the codec; the `tail` after them travel in fp32
     tail: int
@@ -328,6 +334,7 @@ class CommEngine:
         codec: Codec | str = "fp32",
         *,
         mean: bool = True,
+        minus: torch.Tensor | None = None,
         exact_tail: int = 0,
         weight: float = 1.0,
         algorithm: Algorithm = "auto",
@@ -344,7 +351,9 @@ class CommEngine:
         encoded j-th chunk of every payload (an all-to-all), member j reduces it, re-encodes it and
         sends it to all (quantized twice, bytes about 2 (n - 1) / n x payload); `choose_algorithm`
         says which one auto takes. The last `exact_tail` values travel in fp32 whatever the codec
-        (a few numbers riding along with a payload).
+        (a few numbers riding along with a payload). With `minus` (as many values as the body), the
+        body reduced is tensor's minus it; the gather path encodes the difference in the same pass
+        (`cocodc.kernels`), never writing it out.
         """
         codec = get_codec(codec) if isinstance(codec, str) else codec
         if not (math.isfinite(weight) and weight >= 0):
@@ -352,6 +361,8 @@ class CommEngine:
         if not 0 <= exact_tail <= tensor.numel():
             raise ValueError(f"exact_tail={exact_tail} for a tensor of {tensor.numel()} values")
         body = tensor.numel() - exact_tail
+        if minus is not None and minus.numel() != body:
+            raise ValueError(f"minus has {minus.numel()} values for a body of {body}")
         path = choose_algorithm(codec, tensor.numel(), self.size, exact_tail=exact_tail, requested=algorithm)
         if path == "reduce_scatter" and not self.tagged_p2p:
             if algorithm != "auto":
@@ -363,7 +374,15 @@ class CommEngine:
         dtype = tensor.dtype if path == "all_reduce" and tensor.dtype == torch.float64 else torch.float32
         # A member of weight 0 never reads its tensor.
         values = tensor.detach().reshape(-1).to(self.device, dtype) if weight else None
-        job = _Reduction(codec, values, dtype, body, exact_tail, weight, mean, tensor)
+        if minus is not None:
+            minus = minus.detach().reshape(-1).to(self.device, dtype)
+            if path != "gather" or self.size == 1:
+                # Only the gather path encodes in the same pass; elsewhere the difference is written here.
+                if values is not None:
+                    difference = values[:body] - minus
+                    values = torch.cat([difference, values[body:]]) if exact_tail else difference
+                minus = None
+        job = _Reduction(codec, values, minus, dtype, body, exact_tail, weight, mean, tensor)
         if self.size == 1:
             total = (
                 values * weight if values is not None else torch.zeros(tensor.numel(), dtype=dtype, device=self.device)
@@ -400,10 +419,10 @@ class CommEngine:
 
     def _gather_mean(self, job: _Reduction) -> Handle:
         width = _row_width(job.codec, job.body, job.tail)
-        row = _pack(job.codec, job.values, job.body, job.weight, width, self.device)
+        row = _pack(job.codec, job.values, job.body, job.weight, width, self.device, job.minus)
         rows = torch.empty(self.size, width, dtype=torch.uint8, device=self.device)
         now = time.perf_counter()
-        work = dist.all_gather_single(rows.view(-1), row, group=self.group, async_op=True)
+        work = _all_gather_single(rows.view(-1), row, group=self.group, async_op=True)
 
         def finish(handle: Handle) -> torch.Tensor:
             result, handle.weights = _reduce_rows(job.codec, rows, job.body, job.tail, job.mean)
@@ -430,7 +449,7 @@ class CommEngine:
             work.wait()
             mine, handle.weights = _reduce_rows(codec, received, chunk, job.tail, job.mean)
             codes = torch.empty(n, _words(code_bytes), dtype=torch.uint8, device=self.device)
-            codes[self.rank, :code_bytes] = codec.encode(mine[:chunk])
+            codes[self.rank, :code_bytes] = kernels.encode(codec, mine[:chunk])
             peers = [p for p in range(n) if p != self.rank]
             works = [dist.isend(codes[self.rank, :code_bytes], group_dst=p, group=self.group, tag=tag) for p in peers]
             works += [dist.irecv(codes[p, :code_bytes], group_src=p, group=self.group, tag=tag) for p in peers]
@@ -453,7 +472,7 @@ class CommEngine:
         wire = tensor.detach().reshape(-1).to(self.device)
         gathered = torch.empty(self.size, wire.numel(), dtype=tensor.dtype, device=self.device)
         now = time.perf_counter()
-        work = dist.all_gather_single(gathered.view(-1), wire, group=self.group, async_op=True)
+        work = _all_gather_single(gathered.view(-1), wire, group=self.group, async_op=True)
         nbytes = wire.numel() * wire.element_size()
         moved = (self.size - 1) * nbytes
 
@@ -632,14 +651,20 @@ def _row_width(codec: Codec, numel: int, tail: int) -> int:
 
 
 def _pack(
-    codec: Codec, values: torch.Tensor | None, numel: int, weight: float, width: int, device: torch.device
+    codec: Codec,
+    values: torch.Tensor | None,
+    numel: int,
+    weight: float,
+    width: int,
+    device: torch.device,
+    minus: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One member's row of a quantized reduction: [codes of values[:numel] | padding to a word |
-    values[numel:] in fp32 | weight in fp32]. Weight 0 sends zeros (0.0 is four zero bytes)."""
+    """One member's row of a quantized reduction: [codes of values[:numel] (- minus) | padding to
+    a word | values[numel:] in fp32 | weight in fp32]. Weight 0 sends zeros (0.0 is four zero bytes)."""
     row = torch.zeros(width, dtype=torch.uint8, device=device)
     if values is None:
         return row
-    codes = codec.encode(values[:numel])
+    codes = kernels.encode(codec, values[:numel], minus)
     extras = torch.cat([values[numel:], values.new_tensor([weight])]).view(torch.uint8)
     row[: codes.numel()] = codes
     row[width - extras.numel() :] = extras
@@ -666,20 +691,20 @@ def _reduce_rows(
 ) -> tuple[torch.Tensor, list[float]]:
     """Every member's row decoded and summed with its weight in rank order, in fp32; rows of
     weight 0 are never read. Returns [numel values | tail values] and the weights."""
-    width, code_bytes = rows.shape[1], codec.encoded_bytes(numel)
+    width = rows.shape[1]
     extras = rows[:, width - 4 * (tail + 1) :].contiguous().view(torch.float32)
     weights = extras[:, -1].tolist()
-    total = torch.zeros(numel + tail, dtype=torch.float32, device=rows.device)
-    for row, part, weight in zip(rows, extras, weights, strict=True):
+    riding = torch.zeros(tail, dtype=torch.float32, device=rows.device)
+    for part, weight in zip(extras, weights, strict=True):
         if weight:
-            total[:numel] += weight * codec.decode(row[:code_bytes], numel)
-            total[numel:] += weight * part[:-1]
-    return _scaled(total, weights, mean), weights
+            riding += weight * part[:-1]
+    body = kernels.decode_sum(codec, rows, numel, weights, mean)
+    return torch.cat([body, _scaled(riding, weights, mean)]), weights
 
 
 def _assemble(codec: Codec, codes: Sequence[torch.Tensor], chunk: int, body: int, tail: torch.Tensor) -> torch.Tensor:
     """The reduced chunks, decoded in member order and cut to the body, then the tail."""
-    return torch.cat([torch.cat([codec.decode(row, chunk) for row in codes])[:body], tail])
+    return torch.cat([torch.cat([kernels.decode(codec, row, chunk) for row in codes])[:body], tail])
 
 
 def _scaled(total: torch.Tensor, weights: Sequence[float] | torch.Tensor, mean: bool) -> torch.Tensor:
@@ -724,5 +749,5 @@ def simulate_all_reduce(
     reduced = [
         _reduce_rows(codec, torch.stack([s[j] for s in scattered]), chunk, exact_tail, mean)[0] for j in range(n)
     ]
-    codes = [codec.encode(part[:chunk]) for part in reduced]
+    codes = [kernels.encode(codec, part[:chunk]) for part in reduced]
     return _assemble(codec, codes, chunk, body, reduced[0][chunk:])

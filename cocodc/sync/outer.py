@@ -21,6 +21,7 @@ copy of the fragment in place of its own.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cocodc import kernels
 from cocodc.comm import CommEngine, Handle
 from cocodc.comm.codec import get_codec
 from cocodc.config import SyncConfig
+from cocodc.sync.flat import FlatFragment
 from cocodc.sync.fragments import Fragment, split_model, split_modules
-from cocodc.sync.merge import merge_alpha, merge_compensated, pseudo_gradient, update_normalisers
 from cocodc.sync.schedule import AdaptiveSchedule, RoundRobinSchedule, Slot
 
 if TYPE_CHECKING:
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 class _InFlight:
     slot: Slot
     handle: Handle
-    sent: list[torch.Tensor] | None = None  # the live fragment at the send (cocodc's theta_send)
     done_s: float | None = None  # when the transfer was first seen complete, after its start
 
 
@@ -84,18 +85,24 @@ class OuterSync:
         self.step_s = 0.0
         self.transfer_s = 0.0
         self._step_ended: float | None = None
-        self.global_params = [[p.detach().clone() for p in f.params] for f in self.fragments]
-        self.optimizers = [
-            torch.optim.SGD(params, lr=config.outer_lr, momentum=config.outer_momentum, nesterov=config.outer_nesterov)
-            for params in self.global_params
-        ]
         self.compensate = config.method == "cocodc"
-        # Per fragment: the running mean of delta^2 (adaptive compensation), updated at every apply.
-        self.normalisers = (
-            [[torch.zeros_like(p, dtype=torch.float32) for p in params] for params in self.global_params]
-            if self.compensate and config.dc_adaptive and config.dc_normaliser == "running"
-            else None
-        )
+        self.running_normaliser = self.compensate and config.dc_adaptive and config.dc_normaliser == "running"
+        self.per_tensor = self.compensate and config.dc_adaptive and config.dc_normaliser == "tensor"
+        # Sharded over a region's ranks, a payload is cut and re-assembled, so its tail rides separately.
+        self.sharded = intra is not None and intra.size > 1
+        # Per fragment, flat: the global copy (the outer optimizer's parameters), the outer
+        # momentum, theta_send and the running mean of delta^2 (adaptive compensation).
+        self.flat = [
+            FlatFragment(
+                f,
+                momentum=config.outer_momentum > 0,
+                normaliser=self.running_normaliser,
+                sent=self.compensate,
+                tail=count + 2 if self.adaptive and not self.sharded else 0,
+            )
+            for f in self.fragments
+        ]
+        self.global_params = [f.views(f.global_) for f in self.flat]
         self.inner_step = 0
         self.outer_steps = 0
         self._in_flight: dict[int, _InFlight] = {}
@@ -162,15 +169,6 @@ class OuterSync:
             }
         )
 
-    def _telemetry(self, device: torch.device) -> torch.Tensor:
-        """This region's numbers for the adaptive schedule: drift of every fragment, step and
-        transfer time."""
-        drift = [
-            sum(float((g - m.detach()).float().square().sum()) for g, m in zip(params, f.params, strict=True)) / f.numel
-            for params, f in zip(self.global_params, self.fragments, strict=True)
-        ]
-        return torch.tensor([*drift, self.step_s, self.transfer_s], dtype=torch.float32, device=device)
-
     def finish(self) -> None:
         """Apply every fragment still in flight, in slot order."""
         for pending in sorted(self._in_flight.values(), key=lambda x: x.slot.index):
@@ -179,52 +177,75 @@ class OuterSync:
         self._in_flight.clear()
 
     def _send(self, slot: Slot) -> None:
-        if slot.fragment in self._in_flight:
-            raise RuntimeError(f"fragment {slot.fragment} is already in flight")
-        payload = pseudo_gradient(self.global_params[slot.fragment], self.fragments[slot.fragment].params)
-        # Decided on the whole fragment, so every rank of the region takes the same decision.
-        weight = 1.0 if bool(torch.isfinite(payload).all()) else 0.0
-        if self.intra is not None and self.intra.size > 1:
-            share = -(-payload.numel() // self.intra.size)
-            payload = torch.nn.functional.pad(payload, (0, share * self.intra.size - payload.numel()))
-            payload = payload[self.intra.rank * share : (self.intra.rank + 1) * share].clone()
-        tail = 0
+        p = slot.fragment
+        if p in self._in_flight:
+            raise RuntimeError(f"fragment {p} is already in flight")
+        flat = self.flat[p]
+        flat.check_bound()
+        # The drift of the sent fragment (of every fragment, for the adaptive schedule) in one pass
+        # and one host sync; it also says whether the pseudo-gradient is finite. Decided on the
+        # whole fragment, so every rank of the region takes the same decision.
+        sending = self.flat if self.adaptive else [flat]
+        drift = kernels.square_sums([(f.global_, f.live) for f in sending]).tolist()
+        weight = 1.0 if math.isfinite(drift[sending.index(flat)]) else 0.0
+        extras = []
         if self.adaptive:
-            extras = self._telemetry(payload.device)
-            payload, tail = torch.cat([payload, extras]), extras.numel()
-        sent = [p.detach().clone() for p in self.fragments[slot.fragment].params] if self.compensate else None
-        handle = self.comm.all_reduce_mean(payload, self.codec, exact_tail=tail, weight=weight)
-        self._in_flight[slot.fragment] = _InFlight(slot, handle, sent)
+            extras = [d / f.numel for d, f in zip(drift, self.flat, strict=True)] + [self.step_s, self.transfer_s]
+        if self.compensate:
+            flat.sent.copy_(flat.live)
+        codec, tail = self.codec, len(extras)
+        if self.sharded:
+            share = -(-flat.numel // self.intra.size)
+            pseudo = torch.nn.functional.pad(flat.global_ - flat.live, (0, share * self.intra.size - flat.numel))
+            payload = pseudo[self.intra.rank * share : (self.intra.rank + 1) * share]
+            if self.adaptive:
+                payload = torch.cat([payload, payload.new_tensor(extras)])
+            handle = self.comm.all_reduce_mean(payload, codec, exact_tail=tail, weight=weight)
+        else:
+            if self.adaptive:
+                flat.tail.copy_(torch.tensor(extras))
+            # theta_g - theta_m, never written out: the engine encodes the difference.
+            handle = self.comm.all_reduce_mean(flat.with_tail, codec, minus=flat.live, exact_tail=tail, weight=weight)
+        self._in_flight[p] = _InFlight(slot, handle)
 
     def _apply(self, pending: _InFlight) -> None:
         p = pending.slot.fragment
+        flat = self.flat[p]
+        flat.check_bound()
         mean = pending.handle.wait()
         weights = pending.handle.weights
         excluded = [m for m, w in enumerate(weights) if w == 0]
         if len(excluded) == len(weights):
             raise FloatingPointError(f"fragment {p}'s pseudo-gradient is not finite in any region")
-        params = self.global_params[p]
         rows = mean.view(1, -1)
-        if self.intra is not None and self.intra.size > 1:
+        if self.sharded:
             rows = self.intra.all_gather(mean).wait()
         width = rows.shape[1] - (len(self.fragments) + 2 if self.adaptive else 0)
-        mean = rows[:, :width].reshape(-1)[: sum(t.numel() for t in params)]
+        grad = rows[:, :width].reshape(-1)[: flat.numel]
         if self.adaptive:
             self.shared = rows[:, width:].mean(dim=0).tolist()
             self.shared_at = pending.slot.send_step
             done_s = pending.done_s if pending.done_s is not None else pending.handle.elapsed_s
             self.transfer_s = done_s
-        for param, grad in zip(params, mean.split([t.numel() for t in params]), strict=True):
-            param.grad = grad.view_as(param).to(param.dtype)
-        self.optimizers[p].step()
-        self.optimizers[p].zero_grad(set_to_none=True)
-        if weights[self.comm.rank] == 0:
-            with torch.no_grad():
-                for live, new in zip(self.fragments[p].params, params, strict=True):
-                    live.copy_(new)
-        merged: dict[str, float] = {}
-        if weights[self.comm.rank] != 0:
-            merged = self._merge(p, pending.sent)
+        config, first = self.config, self.last_applied[p] == 0
+        merge = "replace" if weights[self.comm.rank] == 0 else "compensate" if self.compensate else "lerp"
+        w_mean, w_capped = kernels.outer_apply(
+            grad,
+            flat.global_,
+            flat.momentum,
+            flat.live,
+            lr=config.outer_lr,
+            mu=config.outer_momentum,
+            nesterov=config.outer_nesterov,
+            first=first,
+            merge=merge,
+            alpha=config.mix,
+            sent=flat.sent,
+            dc_lambda=config.dc_lambda,
+            normaliser=flat.normaliser,
+            beta=0.0 if first else config.dc_beta,
+            per_tensor=flat.sizes if self.per_tensor else None,
+        )
         self.last_applied[p] = self.inner_step
         self.outer_steps += 1
         handle = pending.handle
@@ -242,26 +263,9 @@ class OuterSync:
                 "modelled_s": handle.modelled_s,
                 "blocked_s": handle.blocked_s,
                 "excluded": excluded,
-                **merged,
+                **({"w_mean": w_mean, "w_capped": w_capped} if merge == "compensate" else {}),
             }
         )
-
-    def _merge(self, p: int, sent: list[torch.Tensor] | None) -> dict[str, float]:
-        """Merge fragment p's new global value into the live parameters; cocodc's w statistics."""
-        live, config = self.fragments[p].params, self.config
-        if sent is None:
-            merge_alpha(live, self.global_params[p], config.mix)
-            return {}
-        normalisers = None
-        if self.normalisers is not None:
-            normalisers = self.normalisers[p]
-            first = self.last_applied[p] == 0
-            update_normalisers(normalisers, live, sent, 0.0 if first else config.dc_beta)
-        per_tensor = config.dc_adaptive and config.dc_normaliser == "tensor"
-        w_mean, w_capped = merge_compensated(
-            live, self.global_params[p], sent, config.dc_lambda, config.mix, normalisers, per_tensor
-        )
-        return {"w_mean": w_mean, "w_capped": w_capped}
 
     def pop_records(self) -> list[dict[str, Any]]:
         """Records since the last call: one `sync` per applied fragment, one `decision` per slot
@@ -272,35 +276,34 @@ class OuterSync:
     @contextmanager
     def global_parameters(self) -> Iterator[None]:
         """Within the block the live parameters hold the global copy (for eval)."""
-        live = [p for f in self.fragments for p in f.params]
-        saved = [p.detach().clone() for p in live]
+        saved = [f.live.clone() for f in self.flat]
         with torch.no_grad():
-            for p, g in zip(live, (g for params in self.global_params for g in params), strict=True):
-                p.copy_(g)
+            for f in self.flat:
+                f.live.copy_(f.global_)
             try:
                 yield
             finally:
-                for p, s in zip(live, saved, strict=True):
-                    p.copy_(s)
+                for f, s in zip(self.flat, saved, strict=True):
+                    f.live.copy_(s)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly; fragments in flight are waited for and stored."""
         return {
             "inner_step": self.inner_step,
             "outer_steps": self.outer_steps,
-            "global_params": [[t.clone() for t in params] for params in self.global_params],
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "global_params": [f.global_.clone() for f in self.flat],
+            "momentum": [f.momentum.clone() if f.momentum is not None else None for f in self.flat],
             "in_flight": [
                 {
                     "slot": pending.slot.index,
                     "mean": pending.handle.wait().clone(),
                     "weights": pending.handle.weights,
-                    "sent": pending.sent,
+                    "sent": self.flat[p].sent.clone() if self.compensate else None,
                 }
-                for pending in self._in_flight.values()
+                for p, pending in self._in_flight.items()
             ],
             "drained": sorted(self._drained),
-            "normalisers": self.normalisers,
+            "normalisers": [f.normaliser.clone() for f in self.flat] if self.running_normaliser else None,
             "last_applied": list(self.last_applied),
             "schedule": self.schedule.state_dict() if self.adaptive else None,
             "shared": self.shared,
@@ -313,26 +316,25 @@ class OuterSync:
         self.inner_step = int(state["inner_step"])
         self.outer_steps = int(state["outer_steps"])
         with torch.no_grad():
-            for params, saved in zip(self.global_params, state["global_params"], strict=True):
-                for param, value in zip(params, saved, strict=True):
-                    param.copy_(value)
-        for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(saved)
+            for f, global_, momentum in zip(self.flat, state["global_params"], state["momentum"], strict=True):
+                f.global_.copy_(global_)
+                if f.momentum is not None:
+                    f.momentum.copy_(momentum)
         self.last_applied = list(state["last_applied"])
         if self.adaptive:
             self.schedule.load_state_dict(state["schedule"])
         self.shared, self.step_s, self.transfer_s = state["shared"], state["step_s"], state["transfer_s"]
         self.shared_at = state["shared_at"]
         # A checkpoint is loaded onto the CPU; what was in flight returns to the parameters' device.
-        device = self.global_params[0][0].device
+        device = self.flat[0].global_.device
         self._in_flight = {}
         for entry in state["in_flight"]:
             slot = self.schedule.slot(int(entry["slot"]))
             handle = Handle.completed(self.comm, entry["mean"].to(device), weights=entry["weights"])
-            sent = [t.to(device) for t in entry["sent"]] if entry["sent"] is not None else None
-            self._in_flight[slot.fragment] = _InFlight(slot, handle, sent)
+            if entry["sent"] is not None:
+                self.flat[slot.fragment].sent.copy_(entry["sent"])
+            self._in_flight[slot.fragment] = _InFlight(slot, handle)
         self._drained = set(state["drained"])
-        if self.normalisers is not None:
-            for mine, saved in zip(self.normalisers, state["normalisers"], strict=True):
-                for tensor, value in zip(mine, saved, strict=True):
-                    tensor.copy_(value)
+        if self.running_normaliser:
+            for f, saved in zip(self.flat, state["normalisers"], strict=True):
+                f.normaliser.copy_(saved)

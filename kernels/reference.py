@@ -1,13 +1,36 @@
-"""How a fragment's new global value enters the live parameters of a region."""
+"""The torch reference of the outer step and the merge: how a fragment's new global value enters
+the live parameters of a region. It runs off CUDA (or with `train.kernels: torch`) and defines
+what the fused kernel (`triton_ops.outer_apply`) computes; the codecs' reference is
+`cocodc.comm.codec`."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 
-def pseudo_gradient(global_params: list[torch.Tensor], live_params: list[torch.Tensor]) -> torch.Tensor:
-    """theta_g - theta_m, flattened into one fp32 buffer: the payload of one fragment sync."""
-    return torch.cat([(g - m.detach()).reshape(-1).float() for g, m in zip(global_params, live_params, strict=True)])
+def outer_sgd_step(
+    params: torch.Tensor,
+    momentum: torch.Tensor | None,
+    grad: torch.Tensor,
+    lr: float,
+    mu: float,
+    nesterov: bool,
+    first: bool,
+) -> None:
+    """torch.optim.SGD's step (no dampening or weight decay), op for op, on one flat tensor: the
+    momentum buffer starts as the gradient (`first`) and then is mu * buf + grad; Nesterov steps
+    along grad + mu * buf. `momentum` None: plain SGD."""
+    with torch.no_grad():
+        step = grad
+        if momentum is not None:
+            if first:
+                momentum.copy_(grad)
+            else:
+                momentum.mul_(mu).add_(grad)
+            step = grad.add(momentum, alpha=mu) if nesterov else momentum
+        params.add_(step, alpha=-lr)
 
 
 def merge_alpha(live_params: list[torch.Tensor], global_params: list[torch.Tensor], alpha: float) -> None:
@@ -77,3 +100,38 @@ def update_normalisers(
     with torch.no_grad():
         for v, live, sent in zip(normalisers, live_params, sent_params, strict=True):
             v.lerp_((live.float() - sent.float()).square_(), 1.0 - beta)
+
+
+def outer_apply(
+    grad: torch.Tensor,
+    global_: torch.Tensor,
+    momentum: torch.Tensor | None,
+    live: torch.Tensor,
+    *,
+    lr: float,
+    mu: float,
+    nesterov: bool,
+    first: bool,
+    merge: str,
+    alpha: float = 0.0,
+    sent: torch.Tensor | None = None,
+    dc_lambda: float = 0.0,
+    normaliser: torch.Tensor | None = None,
+    beta: float = 0.0,
+    per_tensor: Sequence[int] | None = None,
+) -> tuple[float, float]:
+    """`cocodc.kernels.outer_apply`'s reference (see there)."""
+    outer_sgd_step(global_, momentum, grad, lr, mu, nesterov, first)
+    if merge == "replace":
+        with torch.no_grad():
+            live.copy_(global_)
+        return 0.0, 0.0
+    if merge == "lerp":
+        merge_alpha([live], [global_], alpha)
+        return 0.0, 0.0
+    if normaliser is not None:
+        update_normalisers([normaliser], [live], [sent], beta)
+    sizes = list(per_tensor) if per_tensor is not None else [live.numel()]
+    split = [t.split(sizes) for t in (live, global_, sent)]
+    normalisers = [normaliser] if normaliser is not None else None
+    return merge_compensated(*split, dc_lambda, alpha, normalisers, per_tensor is not None)
