@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from cocodc import checkpoint
+from cocodc import checkpoint, kernels
 from cocodc.comm import CommEngine, CommError
 from cocodc.config import Config, ConfigError
 from cocodc.data import BPETokenizer, ByteTokenizer, RankData, Tokenizer, tokenizer_training_texts
@@ -419,7 +419,7 @@ class Trainer:
         params = sum(p.numel() for p in self.model.parameters())
         self.metrics.print(
             f"cocodc: {mode.method} | {mode.describe()} | {params / 1e6:.2f}M params | "
-            f"{self.device.type} | {self.config.run_dir}"
+            f"{self.device.type} (outer-sync kernels: {kernels.serving(self.device)}) | {self.config.run_dir}"
             + (f" | resumed at step {self.start_step}" if self.start_step else "")
         )
 
@@ -436,6 +436,7 @@ class Trainer:
         steps = self.config.steps
         return {
             "method": mode.method,
+            "kernels": kernels.serving(self.device),
             "steps": steps,
             "initial_eval_loss": totals.initial_eval_loss,
             "initial_eval_ppl": math.exp(totals.initial_eval_loss),

@@ -35,8 +35,9 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
-def backend() -> str:
-    return _backend
+def serving(device: torch.device) -> str:
+    """What runs the outer sync's arithmetic for tensors on `device`: "triton" or "torch"."""
+    return "triton" if _kernels_for(torch.empty(0, device=device)) is not None else "torch"
 
 
 def triton_available() -> bool:

@@ -10,6 +10,7 @@ tensors.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -20,7 +21,19 @@ from cocodc.comm.codec import BLOCK, Codec
 # Codec ids inside the kernels.
 BF16, FP8, INT8, E3M0 = 1, 2, 3, 4
 _CODEC_IDS = {"bf16": BF16, "fp8": FP8, "int8": INT8, "e3m0": E3M0}
-ROWS = 8  # quantization blocks per program
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Quantization blocks per program of the codec kernels: tuned per size on a GPU (each element's
+# result is the same whatever the tile), fixed in the interpreter.
+ROWS = 8
+_tune_blocks = (
+    (lambda kernel: kernel)
+    if INTERPRETED
+    else triton.autotune(
+        [triton.Config({"ROWS": rows}, num_warps=warps) for rows in (4, 8, 16, 32) for warps in (4, 8)],
+        key=["numel", "CODEC"],
+    )
+)
+_TILE_ARGS = {"ROWS": ROWS} if INTERPRETED else {}
 TILE = 1024  # elements per program in the elementwise kernels
 TINY = torch.finfo(torch.float32).tiny
 _LAUNCH = {"enable_fp_fusion": False}
@@ -78,6 +91,7 @@ def _e4m3_code(y):
     return (code | sign).to(tl.uint8)
 
 
+@_tune_blocks
 @triton.jit
 def _encode_blocks_kernel(
     values, minus, scales, codes, numel, n_blocks, code_count,
@@ -128,29 +142,33 @@ def encode(codec: Codec, values: torch.Tensor, minus: torch.Tensor | None = None
         return payload
     n_blocks = math.ceil(numel / BLOCK)
     scales = payload[: 4 * n_blocks].view(torch.float32)
-    grid = (triton.cdiv(n_blocks, ROWS),)
+    grid = lambda meta: (triton.cdiv(n_blocks, meta["ROWS"]),)  # noqa: E731
     _encode_blocks_kernel[grid](
         values, other, scales, payload[4 * n_blocks :], numel, n_blocks, codec.code_count(numel),
-        CODEC=_CODEC_IDS[codec.name], TOP=float(codec.top), HAS_MINUS=minus is not None, ROWS=ROWS, **_LAUNCH,
+        CODEC=_CODEC_IDS[codec.name], TOP=float(codec.top), HAS_MINUS=minus is not None, **_TILE_ARGS, **_LAUNCH,
     )  # fmt: skip
     return payload
 
 
+@_tune_blocks
 @triton.jit
 def _decode_blocks_kernel(
-    codes, scales, weights, out, numel, n_blocks, members, code_stride, scale_stride, total,
-    CODEC: tl.constexpr, WEIGHTED: tl.constexpr, MEAN: tl.constexpr, ROWS: tl.constexpr,
+    codes, scales, weights, out, numel, n_blocks, code_stride, scale_stride, total,
+    MEMBERS: tl.constexpr, CODEC: tl.constexpr, WEIGHTED: tl.constexpr, MEAN: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     blocks = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     at = blocks[:, None] * 128 + tl.arange(0, 128)[None, :]
     acc = tl.zeros((ROWS, 128), dtype=tl.float32)
-    for m in range(members):
+    # Unrolled (the members are a handful of regions), so every member's loads are issued at once.
+    for m in tl.static_range(MEMBERS):
         scale = tl.load(scales + m * scale_stride + blocks, mask=blocks < n_blocks, other=0.0)[:, None]
         row = codes + m * code_stride
         if CODEC == 4:
-            pair = blocks[:, None] * 64 + tl.arange(0, 64)[None, :]
+            # Each byte read once per pair of values: [ROWS, 64, 1] against the nibble shifts [0, 4].
+            pair = blocks[:, None, None] * 64 + tl.arange(0, 64)[None, :, None]
             byte = tl.load(row + pair, mask=2 * pair < numel, other=0)
-            value = tl.interleave(_e3m0_value(byte & 15), _e3m0_value(byte >> 4))
+            nibble = (byte >> (tl.arange(0, 2) * 4).to(tl.uint8)[None, None, :]) & 15
+            value = tl.reshape(_e3m0_value(nibble), (ROWS, 128))
         elif CODEC == 3:
             value = tl.load(row + at, mask=at < numel, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         else:
@@ -168,12 +186,12 @@ def _decode_blocks_kernel(
 
 @triton.jit
 def _decode_cast_kernel(
-    values, weights, out, numel, members, stride, total,
-    WEIGHTED: tl.constexpr, MEAN: tl.constexpr, TILE: tl.constexpr,
+    values, weights, out, numel, stride, total,
+    MEMBERS: tl.constexpr, WEIGHTED: tl.constexpr, MEAN: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0) * TILE + tl.arange(0, TILE)
     acc = tl.zeros((TILE,), dtype=tl.float32)
-    for m in range(members):
+    for m in tl.static_range(MEMBERS):
         v = tl.load(values + m * stride + i, mask=i < numel, other=0.0).to(tl.float32)
         if WEIGHTED:
             w = tl.load(weights + m)
@@ -208,17 +226,17 @@ def decode_sum(
         values = _typed(rows, 0, 2 * numel, torch.bfloat16)
         grid = (triton.cdiv(numel, TILE),)
         _decode_cast_kernel[grid](
-            values, weights, out, numel, members, values.stride(0), total,
-            WEIGHTED=weighted, MEAN=mean, TILE=TILE, **_LAUNCH,
+            values, weights, out, numel, values.stride(0), total,
+            MEMBERS=members, WEIGHTED=weighted, MEAN=mean, TILE=TILE, **_LAUNCH,
         )  # fmt: skip
         return out
     n_blocks = math.ceil(numel / BLOCK)
     scales = _typed(rows, 0, 4 * n_blocks, torch.float32)
     codes = rows[:, 4 * n_blocks :]
-    grid = (triton.cdiv(n_blocks, ROWS),)
+    grid = lambda meta: (triton.cdiv(n_blocks, meta["ROWS"]),)  # noqa: E731
     _decode_blocks_kernel[grid](
-        codes, scales, weights, out, numel, n_blocks, members, codes.stride(0), scales.stride(0), total,
-        CODEC=_CODEC_IDS[codec.name], WEIGHTED=weighted, MEAN=mean, ROWS=ROWS, **_LAUNCH,
+        codes, scales, weights, out, numel, n_blocks, codes.stride(0), scales.stride(0), total,
+        MEMBERS=members, CODEC=_CODEC_IDS[codec.name], WEIGHTED=weighted, MEAN=mean, **_TILE_ARGS, **_LAUNCH,
     )  # fmt: skip
     return out
 

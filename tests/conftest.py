@@ -7,7 +7,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    # The kernels' tests run them in Triton's interpreter on CPU tensors. Triton reads this as it is
+    # first imported (test modules import libraries that import it) and again at every kernel call,
+    # so it is set here, before any test module, for the whole session; nothing else runs Triton
+    # without a GPU (the kernels serve CUDA tensors only, unless a test forces them).
+    os.environ["TRITON_INTERPRET"] = "1"
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny.yaml")

@@ -36,6 +36,7 @@ def test_defaults_and_file_and_overrides(tmp_path):
         ("train", "override 'train' is not of the form key=value"),
         ("train=3", "config key 'train' is a section"),
         ("run.name=a/b", "config key 'run.name' must be a plain directory name"),
+        ("train.kernels=fast", "config key 'train.kernels' must be one of auto, torch, triton; got 'fast'"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):
@@ -107,3 +108,18 @@ def test_cli_reports_one_line_and_exits_2(tmp_path, args, message):
 def test_configs_in_repo_are_valid():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_forced_kernels_on_the_cpu_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    settings = ["train.kernels=triton", "train.device=cpu"]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="train.kernels triton needs triton installed"):
+            load_config(TINY, settings)
+        return
+    with pytest.raises(ConfigError, match="runs in Triton's interpreter: TRITON_INTERPRET=1"):
+        load_config(TINY, settings)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    load_config(TINY, settings)

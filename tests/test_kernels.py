@@ -1,9 +1,9 @@
 """The Triton kernels against their torch references.
 
-Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before the
-kernel module is imported): the kernels' own code,
-executed in numpy on CPU tensors. With a GPU they are compiled and run on CUDA tensors. The
-references always run on the CPU, where torch's fp32 division is correctly rounded.
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest
+before anything imports triton): the kernels' own code, executed in numpy on CPU tensors. With a
+GPU they are compiled and run on CUDA tensors. The references always run on the CPU, where
+torch's fp32 division is correctly rounded.
 
 Exact: the codecs (encode, decode and the weighted mean of payloads), the replace merge. Within
 a stated tolerance: the outer step and the lerp / compensated merges (torch's CPU kernels fuse a
@@ -20,10 +20,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-if not CUDA:
-    # Read as triton is imported and as a kernel is called, so it is set first and stays set;
-    # nothing else in the suite runs triton (kernels run on CUDA tensors only, unless a test asks).
-    os.environ["TRITON_INTERPRET"] = "1"
+assert CUDA or os.environ.get("TRITON_INTERPRET") == "1"  # conftest sets it before triton is imported
 pytest.importorskip("triton", reason="the kernels need triton (pip install 'cocodc[kernels]')")
 
 from cocodc import kernels  # noqa: E402

@@ -507,3 +507,22 @@ def test_per_tensor_normaliser_over_many_applies_stays_near_lambda_and_below_one
         w_mean, capped = merge_compensated(live, global_, [sent], 0.5, per_tensor=True)
         assert 0.3 < w_mean <= 0.5 and capped < 0.3  # the cap only lowers the mean from lambda
         assert merge_compensated(steady, global_, [sent], 0.5, per_tensor=True) == pytest.approx((0.5, 0.0))
+
+
+def test_fragments_live_in_flat_buffers():
+    # The live parameters become views of one buffer per fragment (the Parameter objects stay), and
+    # a model moved after OuterSync was built is caught rather than silently left out of the sync.
+    model = _streaming_model()
+    before = list(model.parameters())
+    outer = OuterSync(model, SyncConfig(method="streaming", sync_every=4, fragments=2, delay=1), CommEngine(None))
+    assert list(model.parameters()) == before
+    for flat in outer.flat:
+        start = flat.live.data_ptr()
+        end = start + flat.live.element_size() * flat.numel
+        assert all(start <= p.data_ptr() < end for p in flat.params)
+        assert flat.global_.data_ptr() == flat.with_tail.data_ptr()
+        assert torch.equal(flat.global_, flat.live)
+    model.to(torch.float64)
+    with pytest.raises(RuntimeError, match=r"fragment 0's parameters were re-allocated after OuterSync was built"):
+        outer.step()
+        outer.step()  # step 2 sends fragment 0
