@@ -444,11 +444,6 @@ def validate(config: Config) -> None:
         slot_len = s.sync_every // max(s.fragments, 1)
         if slot_len < 2:
             raise ConfigError("sync.schedule adaptive needs slots of 2+ steps: sync.sync_every >= 2 x sync.fragments")
-        if s.delay >= slot_len:
-            raise ConfigError(
-                f"sync.schedule adaptive keeps one fragment in flight: sync.delay ({s.delay}) must be below "
-                f"sync.sync_every / sync.fragments ({slot_len})"
-            )
     if s.max_staleness < 0:
         raise ConfigError(f"config key 'sync.max_staleness' must not be negative; got {s.max_staleness}")
     if 0 < s.max_staleness < s.sync_every:

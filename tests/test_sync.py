@@ -251,6 +251,38 @@ def test_streaming_and_diloco_under_the_link_model(tmp_path):
         assert 0.55 < modelled < 0.8  # how much it hides is a timing: benchmarks/overlap.py measures it
 
 
+def _lookahead_worker(rank: int, store: str, results) -> None:
+    with gloo_group(rank, store):
+        model = _streaming_model()  # 2 blocks: P = 2, K = 4, tau up to 7 (lookahead 1)
+        config = SyncConfig(method="cocodc", sync_every=8, fragments=2, delay=6, schedule="adaptive")
+        outer = OuterSync(model, config, group=dist.group.WORLD)
+        most_in_flight = 0
+        for step in range(1, 41):
+            time.sleep(0.002 * (1 + rank))  # the regions' own step times differ; the decisions must not
+            with torch.no_grad():
+                for i, p in enumerate(model.parameters()):
+                    p.add_(torch.full_like(p, 0.01 * ((step * (rank + 1) + i) % 5 - 2)))
+            outer.step()
+            most_in_flight = max(most_in_flight, len(outer._in_flight))
+        outer.finish()
+        records = outer.pop_records()
+        decisions = [(r["slot"], r["fragment"], r["send_step"], r["apply_step"], r["planned"]) for r in records
+                     if r["kind"] == "decision"]  # fmt: skip
+        results[rank] = (decisions, most_in_flight, [t.clone() for t in outer.global_params[0]])
+
+
+def test_several_fragments_in_flight_decided_alike_on_every_rank(tmp_path):
+    # Real gloo group of two regions with different drifts and step times; tau (6) above K (4)
+    # puts two fragments in flight. Every rank plans the same slots from the numbers it holds.
+    results = mp.Manager().dict()
+    mp.spawn(_lookahead_worker, args=(str(tmp_path / "store"), results), nprocs=2)
+    (decisions, in_flight, global_0), (other, _, other_global_0) = results[0], results[1]
+    assert decisions == other and len(decisions) >= 10
+    assert in_flight == 2
+    assert any(planned for *_, planned in decisions)  # decided while another fragment was planned
+    assert all(torch.equal(a, b) for a, b in zip(global_0, other_global_0, strict=True))
+
+
 def test_compensated_merge_by_hand():
     # delta = live - sent = [0.5, 0]; global - sent = [0.25, -1].
     live, sent, new = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0]), torch.tensor([0.75, 1.0])
@@ -352,8 +384,53 @@ def test_adaptive_schedule_timeline_and_bounds():
     assert set(schedule.planned) == {3}  # slots 1 and 2 were applied (steps 4, 8) before slot 3 began
     with pytest.raises(ValueError, match="slots of 2\\+ steps"):
         AdaptiveSchedule(4, 4, delay=1)
-    with pytest.raises(ValueError, match=r"delay \(4\) must be below sync_every / fragments \(4\)"):
-        AdaptiveSchedule(8, 2, delay=4)
+    with pytest.raises(ValueError, match=r"delay \(8\) must lie in \[0, sync_every=8\)"):
+        AdaptiveSchedule(8, 2, delay=8)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_adaptive_schedule_with_several_fragments_in_flight(seed):
+    # Slots decided `lookahead` slots ahead, as OuterSync calls it: at every slot start, from the
+    # numbers of the last fragment applied by then. No fragment is ever in flight twice, the bound
+    # holds at every apply, and the fragment just applied is not re-picked on numbers older than it.
+    rng = random.Random(seed)
+    fragments = rng.choice([2, 3, 4, 6])
+    slot_len = rng.choice([2, 3, 5])
+    sync_every = fragments * slot_len
+    delay = rng.randrange(slot_len, sync_every)  # tau from K up to H - 1: lookahead 1 .. P - 1
+    bound = rng.randint(sync_every, 3 * sync_every)
+    schedule = AdaptiveSchedule(sync_every, fragments, delay=delay, max_staleness=bound)
+    assert schedule.lookahead == delay // slot_len >= 1
+    slots: list = []
+    for start in range(0, 150 * slot_len, slot_len):  # the step each slot begins after
+        applied = [s for s in slots if s.apply_step <= start and s.send_step >= 1]
+        last_applied = [max([s.apply_step for s in applied if s.fragment == p], default=0) for p in range(fragments)]
+        latest = max(applied, key=lambda s: s.apply_step, default=None)
+        drift = [rng.expovariate(1.0) for _ in range(fragments)] if latest is not None else None
+        measured_at = latest.send_step if latest is not None else 0
+        first = start // slot_len + 1
+        for index in range(1 if start == 0 else first + schedule.lookahead, first + schedule.lookahead + 1):
+            step_s, transfer_s = (0.1, rng.uniform(0.0, 0.1 * sync_every)) if drift is not None else (0.0, 0.0)
+            pending = {s.fragment for s in slots if s.apply_step > start and s.send_step >= 1}
+            decision = schedule.decide(index, last_applied, drift, step_s, transfer_s, measured_at)
+            slot = decision.slot
+            assert slot.send_step > start or slot.send_step < 1  # never sent before it was decided
+            assert slot.fragment not in pending
+            if decision.reason == "drift":  # the largest current drift among the free fragments
+                current = {p: drift[p] if last_applied[p] < measured_at else 0.0 for p in range(fragments)}
+                assert current[slot.fragment] == max(current[p] for p in range(fragments) if p not in pending)
+            slots.append(slot)
+    sent = [s for s in slots if s.send_step >= 1]
+    assert max(sum(s.send_step <= t < s.apply_step for s in sent) for t in range(1, sent[-1].apply_step)) >= 2
+    for a in sent:  # no fragment in flight twice
+        twice = [b for b in sent if b is not a and b.fragment == a.fragment]
+        assert not any(b.send_step < a.apply_step and a.send_step < b.apply_step for b in twice)
+    # The bound from each fragment's first apply on: before it, the start governs (no send
+    # precedes step 1, so with tau near H the first applies come late, as round-robin's do).
+    last = [0] * fragments
+    for slot in sorted(sent, key=lambda s: s.apply_step):
+        last[slot.fragment] = slot.apply_step
+        assert all(slot.apply_step - t <= bound for t in last if t)
 
 
 def test_a_run_continued_past_its_end_skips_what_finish_applied():

@@ -124,7 +124,10 @@ class OuterSync:
         if self.adaptive:
             self._observe()
             if (self.inner_step - 1) % self.schedule.slot_len == 0:
-                self._decide((self.inner_step - 1) // self.schedule.slot_len + 1)
+                # This slot's start decides the slot `lookahead` ahead (the first step, all up to it).
+                ahead = (self.inner_step - 1) // self.schedule.slot_len + 1 + self.schedule.lookahead
+                for index in range(1 if self.inner_step == 1 else ahead, ahead + 1):
+                    self._decide(index)
         send = self.schedule.send_at(self.inner_step)
         if send is not None:
             self._send(send)
@@ -162,6 +165,7 @@ class OuterSync:
                 "send_step": slot.send_step,
                 "apply_step": slot.apply_step,
                 "tau": slot.apply_step - slot.send_step,
+                "planned": sorted(s.fragment for s in self.schedule.planned.values() if s.index < index),
                 "drift": list(decision.drift),
                 "measured_at": self.shared_at,
                 "step_s": step_s,

@@ -55,34 +55,37 @@ class Decision:
 class AdaptiveSchedule:
     """CoCoDC's adaptive transmission on the slot grid of RoundRobinSchedule.
 
-    Slot j's fragment and overlap are decided when slot j begins (after inner step (j-1)K + 1),
-    from numbers every rank holds identically: when each fragment was last applied, and the
-    region-averaged drift of every fragment, step time and transfer time that rode along in the
-    last applied fragment collective (measured at its send step). The slot syncs the fragment
-    with the largest drift; a fragment applied after its drift was measured has moved on since,
-    so its drift counts as 0 (the fragment just applied is never picked again on old numbers).
-    The staleness bound holds at every apply: the wanted fragment goes only if every fragment can
-    still be applied within `max_staleness` steps of its last apply afterwards (one a slot,
-    earliest deadline first); else the longest-unsynced goes. The bound must be at least H, the
-    time round-robin needs. The slot's tau is the smallest number
-    of steps that covers the transfer (with a margin), within [1, K - 1], so the send falls
-    inside the slot and at most one fragment is in flight. Until numbers arrive, slots go
-    round-robin with tau = `delay`.
+    Slot j is decided when slot j - L begins (after inner step (j - L - 1)K + 1; L = delay // K,
+    the slots a send may run ahead of its own), from numbers every rank holds identically: when
+    each fragment was last applied, the slots already planned, and the region-averaged drift of
+    every fragment, step time and transfer time that rode along in the last applied fragment
+    collective (measured at its send step). The slot syncs the fragment with the largest drift
+    among those not already planned (in flight, or about to be); a fragment applied after its
+    drift was measured has moved on since, so its drift counts as 0 (the fragment just applied
+    is never picked again on old numbers). The staleness bound holds at every apply: the wanted
+    fragment goes only if every fragment can still be applied within `max_staleness` steps of its
+    last apply afterwards (one a slot, earliest deadline first, counting the planned slots);
+    else the longest-unsynced goes. The bound must be at least H, the time round-robin needs.
+    The slot's tau is the smallest number of steps that covers the transfer (with a margin),
+    within [1, (L + 1)K - 1], so the send never precedes the decision: with L = 0 at most one
+    fragment is in flight, with L = P - 1 tau reaches H - 1. Until numbers arrive, slots go
+    round-robin with tau = `delay`; a slot whose send would precede step 1 is skipped.
     """
 
     def __init__(self, sync_every: int, fragments: int, delay: int, max_staleness: int = 0, margin: float = 1.25):
         if sync_every % fragments or sync_every // fragments < 2:
             raise ValueError(f"the adaptive schedule needs slots of 2+ steps: sync_every ({sync_every}) / "
                              f"fragments ({fragments}) must be an integer of at least 2")  # fmt: skip
-        self.fragments = fragments
-        self.slot_len = sync_every // fragments
-        if delay >= self.slot_len:
-            raise ValueError(f"the adaptive schedule keeps one fragment in flight: delay ({delay}) must be below "
-                             f"sync_every / fragments ({self.slot_len})")  # fmt: skip
+        if not 0 <= delay < sync_every:
+            raise ValueError(f"delay ({delay}) must lie in [0, sync_every={sync_every})")
         if max_staleness and max_staleness < sync_every:
             raise ValueError(f"max_staleness ({max_staleness}) must be at least sync_every ({sync_every}): "
                              "one fragment a slot syncs each fragment every sync_every steps at best")  # fmt: skip
+        self.fragments = fragments
+        self.slot_len = sync_every // fragments
+        self.lookahead = delay // self.slot_len
         self.delay = max(delay, 1)
+        self.max_tau = (self.lookahead + 1) * self.slot_len - 1
         self.max_staleness = max_staleness or 2 * sync_every
         self.margin = margin
         self.planned: dict[int, Slot] = {}
@@ -97,22 +100,30 @@ class AdaptiveSchedule:
         measured_at: int = 0,
     ) -> Decision:
         """Plan slot `index` (`drift` None: no numbers have arrived yet; `measured_at`: the inner
-        step the drift was measured at)."""
-        start = (index - 1) * self.slot_len
-        apply = start + self.slot_len
-        self.planned = {i: s for i, s in self.planned.items() if s.apply_step > start}
+        step the drift was measured at). Called when slot `index - lookahead` begins."""
+        apply = index * self.slot_len
+        now = max(apply - self.max_tau - 1, 0)  # the step after which this decision is taken
+        self.planned = {i: s for i, s in self.planned.items() if s.apply_step > now}
+        landed = list(last_applied)  # when each fragment will have been applied before this slot's apply
+        busy = set()
+        for pending in self.planned.values():
+            if pending.index < index and pending.send_step >= 1:
+                landed[pending.fragment] = pending.apply_step
+                busy.add(pending.fragment)
+        free = [p for p in range(self.fragments) if p not in busy]
         if drift is not None:
-            current = [d if last_applied[p] < measured_at else 0.0 for p, d in enumerate(drift)]
-            wanted = max(range(self.fragments), key=lambda p: (current[p], -last_applied[p], -p))
+            current = {p: drift[p] if last_applied[p] < measured_at else 0.0 for p in free}
+            wanted = max(free, key=lambda p: (current[p], -landed[p], -p))
             reason = "drift"
-        else:
-            wanted, reason = (index - 1) % self.fragments, "round-robin"
-        fragment = wanted if self._keeps_bound(wanted, last_applied, apply) else self._most_urgent(last_applied)
+        else:  # round-robin, passing over the fragments already planned
+            rotation = [(index - 1 + k) % self.fragments for k in range(self.fragments)]
+            wanted, reason = next(p for p in rotation if p not in busy), "round-robin"
+        fragment = wanted if self._keeps_bound(wanted, landed, apply) else self._most_urgent(landed, free)
         if fragment != wanted:
             reason = "stale"
-        delay = self.delay
+        delay = min(self.delay, self.max_tau)
         if step_s > 0 and transfer_s > 0:
-            delay = min(max(math.ceil(self.margin * transfer_s / step_s), 1), self.slot_len - 1)
+            delay = min(max(math.ceil(self.margin * transfer_s / step_s), 1), self.max_tau)
         slot = Slot(index, fragment, apply - delay, apply)
         self.planned[index] = slot
         return Decision(slot, reason, tuple(drift) if drift is not None else ())
@@ -127,8 +138,8 @@ class AdaptiveSchedule:
         ]
         return all(slots >= i for i, slots in enumerate(sorted(latest)))
 
-    def _most_urgent(self, last_applied: Sequence[int]) -> int:
-        return min(range(self.fragments), key=lambda p: (last_applied[p], p))
+    def _most_urgent(self, last_applied: Sequence[int], free: Sequence[int]) -> int:
+        return min(free, key=lambda p: (last_applied[p], p))
 
     def slot(self, index: int) -> Slot:
         return self.planned[index]
@@ -137,7 +148,7 @@ class AdaptiveSchedule:
         return next((s for s in self.planned.values() if s.send_step == step), None)
 
     def apply_at(self, step: int) -> Slot | None:
-        return next((s for s in self.planned.values() if s.apply_step == step), None)
+        return next((s for s in self.planned.values() if s.apply_step == step and s.send_step >= 1), None)
 
     def state_dict(self) -> dict:
         return {"planned": [vars(s) for s in self.planned.values()]}
