@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweep import band, git_state, ok, progress, source_digest, train_run
+from sweep import band, ok, progress, provenance, seal, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
@@ -405,7 +405,7 @@ def main() -> None:
         "config": args.config, "settings": base_settings(args), "deadline_s": args.deadline_s,
         "strategies": args.strategies, "alphas": args.alphas, "seeds": args.seeds,
         "tune_seed": args.tune_seed, "tune_alpha": args.tune_alpha, "tuning_grid": TUNING,
-        "git": git_state(), "sources_before": source_digest(), "chosen": {}, "tuning": [], "runs": [],
+        **provenance(), "chosen": {}, "tuning": [], "runs": [],
     }  # fmt: skip
 
     def save() -> None:
@@ -419,9 +419,7 @@ def main() -> None:
         results["runs"].append(entry)
         save()
         progress(entry, f"{i}/{len(plan)}")
-    results["sources_after"] = source_digest()
-    results["sources_changed"] = results["sources_after"] != results["sources_before"]
-    results["git_after"] = git_state()
+    seal(results)
     save()
     report(results, args.out)
 

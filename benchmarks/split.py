@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweep import band, git_state, ok, progress, source_digest, train_run
+from sweep import band, ok, progress, provenance, seal, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 # method -> (label, config file, its own settings)
@@ -454,7 +454,7 @@ def main() -> None:
         "methods": args.methods, "seeds": args.seeds, "steps": args.steps, "eval_every": args.eval_every,
         "local_steps": args.local_steps, "workers": args.workers, "executors": args.executors, "cut": args.cut,
         "batch_size": small.train.batch_size, "seq_len": small.train.seq_len, "d_model": small.model.d_model,
-        "git": git_state(), "sources_before": source_digest(), "runs": [],
+        **provenance(), "runs": [],
     }  # fmt: skip
 
     def save() -> None:
@@ -467,9 +467,7 @@ def main() -> None:
         results["runs"].append(entry)
         save()
         progress(entry, f"{i}/{len(plan)}")
-    results["sources_after"] = source_digest()
-    results["sources_changed"] = results["sources_after"] != results["sources_before"]
-    results["git_after"] = git_state()
+    seal(results)
     save()
     report(results, args.out)
 

@@ -49,6 +49,18 @@ def git_state() -> dict:
     return {"head": git("rev-parse", "HEAD"), "changed": git("status", "--porcelain").splitlines()}
 
 
+def provenance() -> dict:
+    """Where a sweep starts from: the git state and a digest of the sources (`seal` adds the end)."""
+    return {"git": git_state(), "sources_before": source_digest()}
+
+
+def seal(results: dict) -> None:
+    """Where the sweep ended, and whether the sources changed under it."""
+    results["sources_after"] = source_digest()
+    results["sources_changed"] = results["sources_after"] != results["sources_before"]
+    results["git_after"] = git_state()
+
+
 def ok(entry: dict) -> bool:
     return entry.get("rc") == 0 and math.isfinite(entry.get("final_eval_loss", math.nan))
 

@@ -57,6 +57,13 @@ def gloo_group(rank: int, store: str, world_size: int = 2, together: bool = True
         dist.destroy_process_group()
 
 
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The error of a command that stopped on bad input: exit code 2, one line, no traceback."""
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip()
+
+
 def overrides(*pairs: str) -> list[str]:
     return [arg for pair in pairs for arg in ("--set", pair)]
 
