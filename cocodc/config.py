@@ -95,6 +95,9 @@ class SyncConfig:
     schedule: Literal["round_robin", "adaptive"] = "round_robin"
     max_staleness: int = 0
     adaptive_delay: bool = True
+    # The adaptive schedule's share of the link: where the measured transfers leave the link idle,
+    # a slot carries as many fragments as fit in this share of its time (0: one a slot).
+    link_share: float = 0.0
 
     @property
     def mix(self) -> float:
@@ -444,6 +447,10 @@ def validate(config: Config) -> None:
         slot_len = s.sync_every // max(s.fragments, 1)
         if slot_len < 2:
             raise ConfigError("sync.schedule adaptive needs slots of 2+ steps: sync.sync_every >= 2 x sync.fragments")
+    if not 0 <= s.link_share <= 1:
+        raise ConfigError(f"config key 'sync.link_share' must lie in [0, 1]; got {s.link_share}")
+    if s.link_share and not (s.schedule == "adaptive" and s.adaptive_delay):
+        raise ConfigError("sync.link_share needs sync.schedule adaptive with sync.adaptive_delay (the measured times)")
     if s.max_staleness < 0:
         raise ConfigError(f"config key 'sync.max_staleness' must not be negative; got {s.max_staleness}")
     if 0 < s.max_staleness < s.sync_every:

@@ -37,6 +37,8 @@ def test_defaults_and_file_and_overrides(tmp_path):
         ("train=3", "config key 'train' is a section"),
         ("run.name=a/b", "config key 'run.name' must be a plain directory name"),
         ("train.kernels=fast", "config key 'train.kernels' must be one of auto, torch, triton; got 'fast'"),
+        ("sync.link_share=2", "config key 'sync.link_share' must lie in [0, 1]; got 2.0"),
+        ("sync.link_share=0.5", "sync.link_share needs sync.schedule adaptive with sync.adaptive_delay"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):

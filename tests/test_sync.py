@@ -15,7 +15,7 @@ from cocodc.kernels.reference import merge_alpha, merge_compensated, update_norm
 from cocodc.model import Transformer
 from cocodc.sync import OuterSync
 from cocodc.sync.fragments import block_groups, split_model
-from cocodc.sync.schedule import AdaptiveSchedule, RoundRobinSchedule
+from cocodc.sync.schedule import AdaptiveSchedule, RoundRobinSchedule, Slot
 
 from conftest import gloo_group
 
@@ -23,10 +23,8 @@ from conftest import gloo_group
 def timeline(schedule: RoundRobinSchedule, steps: int) -> list[tuple[int, str, int]]:
     events = []
     for step in range(1, steps + 1):
-        if (slot := schedule.send_at(step)) is not None:
-            events.append((step, "send", slot.fragment))
-        if (slot := schedule.apply_at(step)) is not None:
-            events.append((step, "apply", slot.fragment))
+        events += [(step, "send", slot.fragment) for slot in schedule.sends_at(step)]
+        events += [(step, "apply", slot.fragment) for slot in schedule.applies_at(step)]
     return events
 
 
@@ -331,22 +329,22 @@ def test_adaptive_schedule_picks_the_largest_current_drift_and_keeps_the_bound_a
     # H = 12, P = 3: slots of K = 4 steps; staleness bound 16 steps.
     schedule = AdaptiveSchedule(12, 3, delay=2, max_staleness=16)
     first = schedule.decide(1, [0, 0, 0])
-    assert (first.reason, first.slot) == ("round-robin", first.slot.__class__(1, 0, 2, 4))
+    assert (first.reason, first.slots) == ("round-robin", (Slot(1, 0, 2, 4),))
     # Fragment 1 drifts most; tau covers 0.35 s of transfer at 0.1 s a step with a 1.25 margin: 5,
     # clamped to K - 1 = 3. Fragment 0's drift was measured at step 2, before its apply at 4: it counts 0.
     chosen = schedule.decide(2, [4, 0, 0], drift=[0.9, 0.7, 0.2], step_s=0.1, transfer_s=0.35, measured_at=2)
-    assert (chosen.reason, chosen.slot.fragment, chosen.slot.send_step, chosen.slot.apply_step) == ("drift", 1, 5, 8)
+    assert (chosen.reason, chosen.slots) == ("drift", (Slot(2, 1, 5, 8),))
     # The numbers that rode along with fragment 1 were measured at its send (5): fragment 1, applied
     # at 8, is not picked again on them, though its old drift is the largest.
     again = schedule.decide(3, [4, 8, 0], drift=[0.1, 0.7, 0.2], step_s=0.1, transfer_s=0.1, measured_at=5)
-    assert (again.reason, again.slot.fragment, again.slot.send_step) == ("drift", 2, 10)
+    assert (again.reason, again.slots[0].fragment, again.slots[0].send_step) == ("drift", 2, 10)
     # Slot 5 applies at 20; waiting one more slot would leave fragment 1 unsynced from 4 to 24 > 16
     # steps: it goes now, whatever the drift says; of two such fragments the longer-waiting one.
     stale = schedule.decide(5, [16, 4, 12], drift=[0.9, 0.0, 0.9], measured_at=14)
-    assert (stale.reason, stale.slot.fragment) == ("stale", 1)
-    assert schedule.decide(6, [8, 4, 20], drift=[0.9, 0.9, 0.9], measured_at=18).slot.fragment == 1
+    assert (stale.reason, stale.slots[0].fragment) == ("stale", 1)
+    assert schedule.decide(6, [8, 4, 20], drift=[0.9, 0.9, 0.9], measured_at=18).slots[0].fragment == 1
     # Equal current drift: the fragment applied longest ago.
-    assert schedule.decide(6, [20, 12, 16], drift=[0.5, 0.5, 0.5], measured_at=18).slot.fragment == 1
+    assert schedule.decide(6, [20, 12, 16], drift=[0.5, 0.5, 0.5], measured_at=18).slots[0].fragment == 1
     with pytest.raises(ValueError, match=r"max_staleness \(8\) must be at least sync_every \(12\)"):
         AdaptiveSchedule(12, 3, delay=2, max_staleness=8)
 
@@ -362,7 +360,7 @@ def test_adaptive_schedule_keeps_its_bound_and_never_repicks_on_old_numbers(seed
     last_applied, drift, measured_at, previous = [0] * fragments, None, 0, None
     for index in range(1, 200):
         decision = schedule.decide(index, last_applied, drift, measured_at=measured_at)
-        slot = decision.slot
+        slot = decision.slots[0]
         if previous is not None and decision.reason == "drift":
             assert slot.fragment != previous.fragment  # its drift predates its apply
         # The telemetry that rides along is measured at this send, for every fragment.
@@ -376,12 +374,12 @@ def test_adaptive_schedule_keeps_its_bound_and_never_repicks_on_old_numbers(seed
 
 def test_adaptive_schedule_timeline_and_bounds():
     schedule = AdaptiveSchedule(8, 2, delay=0)  # tau at least 1, at most K - 1 = 3
-    slot = schedule.decide(1, [0, 0]).slot
+    slot = schedule.decide(1, [0, 0]).slots[0]
     assert (slot.send_step, slot.apply_step) == (3, 4)
-    assert schedule.send_at(3) == slot and schedule.apply_at(4) == slot and schedule.send_at(4) is None
-    assert schedule.decide(2, [4, 0], drift=[1.0, 0.0], step_s=1.0, transfer_s=100.0).slot.send_step == 5
-    assert schedule.decide(3, [4, 8], drift=[1.0, 0.0], step_s=1.0, transfer_s=0.01).slot.send_step == 11
-    assert set(schedule.planned) == {3}  # slots 1 and 2 were applied (steps 4, 8) before slot 3 began
+    assert schedule.sends_at(3) == [slot] and schedule.applies_at(4) == [slot] and schedule.sends_at(4) == []
+    assert schedule.decide(2, [4, 0], drift=[1.0, 0.0], step_s=1.0, transfer_s=100.0).slots[0].send_step == 5
+    assert schedule.decide(3, [4, 8], drift=[1.0, 0.0], step_s=1.0, transfer_s=0.01).slots[0].send_step == 11
+    assert set(schedule.planned) == {(3, 0)}  # slots 1 and 2 were applied (steps 4, 8) before slot 3 began
     with pytest.raises(ValueError, match="slots of 2\\+ steps"):
         AdaptiveSchedule(4, 4, delay=1)
     with pytest.raises(ValueError, match=r"delay \(8\) must lie in \[0, sync_every=8\)"):
@@ -391,16 +389,18 @@ def test_adaptive_schedule_timeline_and_bounds():
 @pytest.mark.parametrize("seed", range(20))
 def test_adaptive_schedule_with_several_fragments_in_flight(seed):
     # Slots decided `lookahead` slots ahead, as OuterSync calls it: at every slot start, from the
-    # numbers of the last fragment applied by then. No fragment is ever in flight twice, the bound
-    # holds at every apply, and the fragment just applied is not re-picked on numbers older than it.
+    # numbers of the last fragment applied by then; with `link_share`, several fragments a slot
+    # where the transfers leave room. No fragment is ever in flight twice, the bound holds at every
+    # apply, and no fragment is picked on numbers older than its last apply.
     rng = random.Random(seed)
     fragments = rng.choice([2, 3, 4, 6])
     slot_len = rng.choice([2, 3, 5])
     sync_every = fragments * slot_len
-    delay = rng.randrange(slot_len, sync_every)  # tau from K up to H - 1: lookahead 1 .. P - 1
+    delay = rng.randrange(0, sync_every)  # tau up to H - 1: lookahead 0 .. P - 1
     bound = rng.randint(sync_every, 3 * sync_every)
-    schedule = AdaptiveSchedule(sync_every, fragments, delay=delay, max_staleness=bound)
-    assert schedule.lookahead == delay // slot_len >= 1
+    link_share = rng.choice([0.0, 0.5, 1.0]) if delay >= slot_len else 1.0
+    schedule = AdaptiveSchedule(sync_every, fragments, delay=delay, max_staleness=bound, link_share=link_share)
+    assert schedule.lookahead == delay // slot_len
     slots: list = []
     for start in range(0, 150 * slot_len, slot_len):  # the step each slot begins after
         applied = [s for s in slots if s.apply_step <= start and s.send_step >= 1]
@@ -413,15 +413,20 @@ def test_adaptive_schedule_with_several_fragments_in_flight(seed):
             step_s, transfer_s = (0.1, rng.uniform(0.0, 0.1 * sync_every)) if drift is not None else (0.0, 0.0)
             pending = {s.fragment for s in slots if s.apply_step > start and s.send_step >= 1}
             decision = schedule.decide(index, last_applied, drift, step_s, transfer_s, measured_at)
-            slot = decision.slot
-            assert slot.send_step > start or slot.send_step < 1  # never sent before it was decided
-            assert slot.fragment not in pending
+            first_slot, *extra = decision.slots
+            assert first_slot.send_step > start or first_slot.send_step < 1  # never sent before it was decided
+            assert not {s.fragment for s in decision.slots} & pending
+            current = {p: drift[p] if drift and last_applied[p] < measured_at else 0.0 for p in range(fragments)}
             if decision.reason == "drift":  # the largest current drift among the free fragments
-                current = {p: drift[p] if last_applied[p] < measured_at else 0.0 for p in range(fragments)}
-                assert current[slot.fragment] == max(current[p] for p in range(fragments) if p not in pending)
-            slots.append(slot)
+                assert current[first_slot.fragment] == max(current[p] for p in range(fragments) if p not in pending)
+            if extra:  # the link had room: more fragments that drifted since their numbers, tau covering all
+                assert link_share > 0 and all(current[s.fragment] > 0 for s in extra)
+                assert len(decision.slots) <= link_share * slot_len * step_s / transfer_s
+                assert {(s.send_step, s.apply_step) for s in extra} == {(first_slot.send_step, first_slot.apply_step)}
+            slots += decision.slots
     sent = [s for s in slots if s.send_step >= 1]
-    assert max(sum(s.send_step <= t < s.apply_step for s in sent) for t in range(1, sent[-1].apply_step)) >= 2
+    most = max(sum(s.send_step <= t < s.apply_step for s in sent) for t in range(1, sent[-1].apply_step))
+    assert most >= 2 or schedule.lookahead == 0 and not any(s.part for s in sent)
     for a in sent:  # no fragment in flight twice
         twice = [b for b in sent if b is not a and b.fragment == a.fragment]
         assert not any(b.send_step < a.apply_step and a.send_step < b.apply_step for b in twice)
@@ -431,6 +436,41 @@ def test_adaptive_schedule_with_several_fragments_in_flight(seed):
     for slot in sorted(sent, key=lambda s: s.apply_step):
         last[slot.fragment] = slot.apply_step
         assert all(slot.apply_step - t <= bound for t in last if t)
+
+
+def test_link_share_sends_what_fits_and_keeps_streaming_cadence_on_a_slow_link():
+    # H = 12, P = 3: slots of K = 4 steps of 0.1 s; half the link is 0.2 s a slot.
+    schedule = AdaptiveSchedule(12, 3, delay=2, link_share=0.5)
+    drift, applied = [0.9, 0.5, 0.2], [4, 8, 0]
+    # 0.05 s a fragment: all three fit (4 would); they share the link, so tau covers 3 x 0.05 s x 1.25.
+    fast = schedule.decide(3, applied, drift, step_s=0.1, transfer_s=0.05, measured_at=9)
+    assert [(s.fragment, s.part, s.send_step, s.apply_step) for s in fast.slots] == [(0, 0, 10, 12), (1, 1, 10, 12),
+                                                                                     (2, 2, 10, 12)]  # fmt: skip
+    # 0.3 s a fragment: none fits beside the first; one a slot, Streaming DiLoCo's cadence.
+    slow = schedule.decide(4, [12, 12, 12], drift, step_s=0.1, transfer_s=0.3, measured_at=13)
+    assert len(slow.slots) == 1 and slow.slots[0].send_step == 13  # tau 1.25 x 3 = 4 steps, clamped to K - 1
+    # A fragment that has not drifted since its numbers were measured does not ride along.
+    fresh = schedule.decide(5, [12, 16, 12], drift, step_s=0.1, transfer_s=0.05, measured_at=14)
+    assert [s.fragment for s in fresh.slots] == [0, 2]
+
+
+def test_an_idle_link_carries_several_fragments_a_slot():
+    # One region: transfers take about a step, so the link is mostly idle and the fragments that
+    # drifted since the numbers were measured ride along; each is sent and applied exactly once.
+    config = SyncConfig(method="cocodc", sync_every=8, fragments=4, delay=1, schedule="adaptive", link_share=1.0)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layers=4, d_model=16, n_heads=2), vocab_size=16, max_seq_len=8)
+    outer = OuterSync(model, config, CommEngine(None))
+    for step in range(1, 25):
+        time.sleep(0.001)  # a measurable step time
+        _drift(model, step)
+        outer.step()
+    records = outer.pop_records()
+    decisions = [r for r in records if r["kind"] == "decision" and r["send_step"] >= 1]
+    syncs = [(r["fragment"], r["send_step"], r["apply_step"]) for r in records if r["kind"] == "sync"]
+    assert any(r["reason"] == "capacity" for r in decisions)
+    assert sorted(syncs) == sorted((r["fragment"], r["send_step"], r["apply_step"]) for r in decisions)
+    assert max(sum(r["apply_step"] == step for r in decisions) for step in range(1, 25)) >= 2
 
 
 def test_a_run_continued_past_its_end_skips_what_finish_applied():

@@ -73,7 +73,9 @@ class OuterSync:
         count = len(self.fragments)
         self.adaptive = config.schedule == "adaptive"
         self.schedule: RoundRobinSchedule | AdaptiveSchedule = (
-            AdaptiveSchedule(config.sync_every, count, config.delay, config.max_staleness)
+            AdaptiveSchedule(
+                config.sync_every, count, config.delay, config.max_staleness, link_share=config.link_share
+            )
             if self.adaptive
             else RoundRobinSchedule(config.sync_every, count, config.delay)
         )
@@ -106,7 +108,7 @@ class OuterSync:
         self.inner_step = 0
         self.outer_steps = 0
         self._in_flight: dict[int, _InFlight] = {}
-        self._drained: set[int] = set()  # slots that finish() applied before their apply step
+        self._drained: set[tuple[int, int]] = set()  # slots that finish() applied before their apply step
         self._records: list[dict[str, Any]] = []
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -128,14 +130,13 @@ class OuterSync:
                 ahead = (self.inner_step - 1) // self.schedule.slot_len + 1 + self.schedule.lookahead
                 for index in range(1 if self.inner_step == 1 else ahead, ahead + 1):
                     self._decide(index)
-        send = self.schedule.send_at(self.inner_step)
-        if send is not None:
+        for send in self.schedule.sends_at(self.inner_step):
             self._send(send)
-        apply = self.schedule.apply_at(self.inner_step)
-        if apply is not None and apply.index in self._drained:
-            self._drained.discard(apply.index)  # a run continued past its end: finish() applied it
-        elif apply is not None:
-            self._apply(self._in_flight.pop(apply.fragment))
+        for apply in self.schedule.applies_at(self.inner_step):
+            if apply.key in self._drained:
+                self._drained.discard(apply.key)  # a run continued past its end: finish() applied it
+            else:
+                self._apply(self._in_flight.pop(apply.fragment))
         if self.adaptive:
             self._step_ended = time.perf_counter()
 
@@ -154,30 +155,32 @@ class OuterSync:
         drift = shared[:count] if shared is not None else None
         step_s, transfer_s = shared[count:] if shared is not None and self.config.adaptive_delay else (0.0, 0.0)
         decision = self.schedule.decide(index, self.last_applied, drift, step_s, transfer_s, self.shared_at)
-        slot = decision.slot
-        self._records.append(
-            {
-                "kind": "decision",
-                "step": self.inner_step,
-                "slot": index,
-                "fragment": slot.fragment,
-                "reason": decision.reason,
-                "send_step": slot.send_step,
-                "apply_step": slot.apply_step,
-                "tau": slot.apply_step - slot.send_step,
-                "planned": sorted(s.fragment for s in self.schedule.planned.values() if s.index < index),
-                "drift": list(decision.drift),
-                "measured_at": self.shared_at,
-                "step_s": step_s,
-                "transfer_s": transfer_s,
-            }
-        )
+        planned = sorted(s.fragment for s in self.schedule.planned.values() if s.index < index)
+        for slot in decision.slots:
+            self._records.append(
+                {
+                    "kind": "decision",
+                    "step": self.inner_step,
+                    "slot": index,
+                    "part": slot.part,
+                    "fragment": slot.fragment,
+                    "reason": decision.reason if slot.part == 0 else "capacity",
+                    "send_step": slot.send_step,
+                    "apply_step": slot.apply_step,
+                    "tau": slot.apply_step - slot.send_step,
+                    "planned": planned,
+                    "drift": list(decision.drift),
+                    "measured_at": self.shared_at,
+                    "step_s": step_s,
+                    "transfer_s": transfer_s,
+                }
+            )
 
     def finish(self) -> None:
         """Apply every fragment still in flight, in slot order."""
-        for pending in sorted(self._in_flight.values(), key=lambda x: x.slot.index):
+        for pending in sorted(self._in_flight.values(), key=lambda x: x.slot.key):
             self._apply(pending)
-            self._drained.add(pending.slot.index)
+            self._drained.add(pending.slot.key)
         self._in_flight.clear()
 
     def _send(self, slot: Slot) -> None:
@@ -300,13 +303,14 @@ class OuterSync:
             "in_flight": [
                 {
                     "slot": pending.slot.index,
+                    "part": pending.slot.part,
                     "mean": pending.handle.wait().clone(),
                     "weights": pending.handle.weights,
                     "sent": self.flat[p].sent.clone() if self.compensate else None,
                 }
                 for p, pending in self._in_flight.items()
             ],
-            "drained": sorted(self._drained),
+            "drained": [list(key) for key in sorted(self._drained)],
             "normalisers": [f.normaliser.clone() for f in self.flat] if self.running_normaliser else None,
             "last_applied": list(self.last_applied),
             "schedule": self.schedule.state_dict() if self.adaptive else None,
@@ -333,12 +337,12 @@ class OuterSync:
         device = self.flat[0].global_.device
         self._in_flight = {}
         for entry in state["in_flight"]:
-            slot = self.schedule.slot(int(entry["slot"]))
+            slot = self.schedule.slot(int(entry["slot"]), int(entry["part"]))
             handle = Handle.completed(self.comm, entry["mean"].to(device), weights=entry["weights"])
             if entry["sent"] is not None:
                 self.flat[slot.fragment].sent.copy_(entry["sent"])
             self._in_flight[slot.fragment] = _InFlight(slot, handle)
-        self._drained = set(state["drained"])
+        self._drained = {(int(index), int(part)) for index, part in state["drained"]}
         if self.running_normaliser:
             for f, saved in zip(self.flat, state["normalisers"], strict=True):
                 f.normaliser.copy_(saved)

@@ -18,6 +18,11 @@ class Slot:
     fragment: int
     send_step: int
     apply_step: int
+    part: int = 0  # the adaptive schedule's extra fragments in one slot (`link_share`): 1, 2, ...
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.index, self.part)
 
 
 class RoundRobinSchedule:
@@ -29,26 +34,26 @@ class RoundRobinSchedule:
         self.fragments, self.delay = fragments, delay
         self.slot_len = sync_every // fragments
 
-    def slot(self, index: int) -> Slot:
+    def slot(self, index: int, part: int = 0) -> Slot:
         end = index * self.slot_len
         return Slot(index, (index - 1) % self.fragments, end - self.delay, end)
 
-    def send_at(self, step: int) -> Slot | None:
+    def sends_at(self, step: int) -> list[Slot]:
         index, rest = divmod(step + self.delay, self.slot_len)
-        return self.slot(index) if rest == 0 and index >= 1 and step >= 1 else None
+        return [self.slot(index)] if rest == 0 and index >= 1 and step >= 1 else []
 
-    def apply_at(self, step: int) -> Slot | None:
+    def applies_at(self, step: int) -> list[Slot]:
         index, rest = divmod(step, self.slot_len)
         if rest or index < 1:
-            return None
+            return []
         slot = self.slot(index)
-        return slot if slot.send_step >= 1 else None
+        return [slot] if slot.send_step >= 1 else []
 
 
 @dataclass(frozen=True)
 class Decision:
-    slot: Slot
-    reason: str  # "round-robin" (no numbers yet), "drift" or "stale"
+    slots: tuple[Slot, ...]  # the slot's fragment, then those the idle link carries as well
+    reason: str  # the first's: "round-robin" (no numbers yet), "drift" or "stale"; the others' "capacity"
     drift: tuple[float, ...]
 
 
@@ -72,7 +77,15 @@ class AdaptiveSchedule:
     round-robin with tau = `delay`; a slot whose send would precede step 1 is skipped.
     """
 
-    def __init__(self, sync_every: int, fragments: int, delay: int, max_staleness: int = 0, margin: float = 1.25):
+    def __init__(
+        self,
+        sync_every: int,
+        fragments: int,
+        delay: int,
+        max_staleness: int = 0,
+        margin: float = 1.25,
+        link_share: float = 0.0,
+    ):
         if sync_every % fragments or sync_every // fragments < 2:
             raise ValueError(f"the adaptive schedule needs slots of 2+ steps: sync_every ({sync_every}) / "
                              f"fragments ({fragments}) must be an integer of at least 2")  # fmt: skip
@@ -88,7 +101,8 @@ class AdaptiveSchedule:
         self.max_tau = (self.lookahead + 1) * self.slot_len - 1
         self.max_staleness = max_staleness or 2 * sync_every
         self.margin = margin
-        self.planned: dict[int, Slot] = {}
+        self.link_share = link_share
+        self.planned: dict[tuple[int, int], Slot] = {}
 
     def decide(
         self,
@@ -103,7 +117,7 @@ class AdaptiveSchedule:
         step the drift was measured at). Called when slot `index - lookahead` begins."""
         apply = index * self.slot_len
         now = max(apply - self.max_tau - 1, 0)  # the step after which this decision is taken
-        self.planned = {i: s for i, s in self.planned.items() if s.apply_step > now}
+        self.planned = {k: s for k, s in self.planned.items() if s.apply_step > now}
         landed = list(last_applied)  # when each fragment will have been applied before this slot's apply
         busy = set()
         for pending in self.planned.values():
@@ -111,8 +125,8 @@ class AdaptiveSchedule:
                 landed[pending.fragment] = pending.apply_step
                 busy.add(pending.fragment)
         free = [p for p in range(self.fragments) if p not in busy]
+        current = {p: drift[p] if drift is not None and last_applied[p] < measured_at else 0.0 for p in free}
         if drift is not None:
-            current = {p: drift[p] if last_applied[p] < measured_at else 0.0 for p in free}
             wanted = max(free, key=lambda p: (current[p], -landed[p], -p))
             reason = "drift"
         else:  # round-robin, passing over the fragments already planned
@@ -121,12 +135,23 @@ class AdaptiveSchedule:
         fragment = wanted if self._keeps_bound(wanted, landed, apply) else self._most_urgent(landed, free)
         if fragment != wanted:
             reason = "stale"
+        chosen = [fragment]
+        measured = step_s > 0 and transfer_s > 0
+        if step_s > 0 and self.link_share > 0:
+            # The link carries transfer_s of work a fragment (0: the transfers took no time); a slot
+            # lasts slot_len steps, of which the outer sync may fill `link_share`. What fits more
+            # goes too, largest drift first (only fragments that drifted since their numbers).
+            room = self.link_share * self.slot_len * step_s
+            fits = math.floor(room / transfer_s) if transfer_s > 0 else self.fragments
+            others = sorted((p for p in free if p != fragment and current[p] > 0), key=lambda p: (-current[p], p))
+            chosen += others[: max(fits - 1, 0)]
         delay = min(self.delay, self.max_tau)
-        if step_s > 0 and transfer_s > 0:
-            delay = min(max(math.ceil(self.margin * transfer_s / step_s), 1), self.max_tau)
-        slot = Slot(index, fragment, apply - delay, apply)
-        self.planned[index] = slot
-        return Decision(slot, reason, tuple(drift) if drift is not None else ())
+        if measured:  # the chosen fragments share the link
+            delay = min(max(math.ceil(self.margin * len(chosen) * transfer_s / step_s), 1), self.max_tau)
+        slots = tuple(Slot(index, p, apply - delay, apply, part) for part, p in enumerate(chosen))
+        for slot in slots:
+            self.planned[slot.key] = slot
+        return Decision(slots, reason, tuple(drift) if drift is not None else ())
 
     def _keeps_bound(self, fragment: int, last_applied: Sequence[int], apply: int) -> bool:
         """Whether, with `fragment` applied at `apply`, one fragment a slot can still apply every
@@ -141,17 +166,17 @@ class AdaptiveSchedule:
     def _most_urgent(self, last_applied: Sequence[int], free: Sequence[int]) -> int:
         return min(free, key=lambda p: (last_applied[p], p))
 
-    def slot(self, index: int) -> Slot:
-        return self.planned[index]
+    def slot(self, index: int, part: int = 0) -> Slot:
+        return self.planned[index, part]
 
-    def send_at(self, step: int) -> Slot | None:
-        return next((s for s in self.planned.values() if s.send_step == step), None)
+    def sends_at(self, step: int) -> list[Slot]:
+        return [s for s in self.planned.values() if s.send_step == step]
 
-    def apply_at(self, step: int) -> Slot | None:
-        return next((s for s in self.planned.values() if s.apply_step == step and s.send_step >= 1), None)
+    def applies_at(self, step: int) -> list[Slot]:
+        return [s for s in self.planned.values() if s.apply_step == step and s.send_step >= 1]
 
     def state_dict(self) -> dict:
         return {"planned": [vars(s) for s in self.planned.values()]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.planned = {s["index"]: Slot(**s) for s in state["planned"]}
+        self.planned = {(s["index"], s.get("part", 0)): Slot(**s) for s in state["planned"]}
