@@ -508,8 +508,8 @@ def _emptied(name: str) -> threading.Event:
 
 def serve(state: dict) -> None:
     """The network's process: build it, publish the state, forward packets (tun backend) until
-    SIGTERM, then take the network down. When SIGTERM came because its owner died, the processes
-    in the namespaces (the owner's, told by the kernel too) keep the network while they stop."""
+    SIGTERM, then take the network down. A network with an owner is kept while processes are in
+    its namespaces (when the owner died, the kernel told its processes too, and they are stopping)."""
     spec = NetemSpec(**state["spec"])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -526,7 +526,10 @@ def serve(state: dict) -> None:
             carry = Forwarder(spec, _add_tun_links(spec)).run
         _write_state(spec.name, {**state, "pid": os.getpid()})
         carry(stop)
-        if owner and os.getppid() != owner:
+        if owner:
+            # Whether the owner asked (its processes here have stopped: no wait) or died (they are
+            # stopping): getppid() cannot tell, as the death signal comes when the owner's first
+            # thread ends, and its other threads, still ending, keep its pid.
             carry(_emptied(spec.name))
     finally:
         _delete_namespaces(spec.name)

@@ -318,11 +318,13 @@ class Trainer:
         began, blocked = time.perf_counter(), wan.blocked_s
         with autocast_for(self.config, self.device):
             loss = lm_loss(train_model, batch)
-        (loss + penalty() if penalty is not None else loss).backward()
-        if self.config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.optimizer_parameters(), self.config.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            (loss + penalty() if penalty is not None else loss).backward()
+            if self.config.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.optimizer_parameters(), self.config.train.grad_clip)
+            self.optimizer.step()
+        finally:  # a failed step (a federated client's, which the round survives) leaves no gradients
+            self.optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
         return loss_value, time.perf_counter() - began - (wan.blocked_s - blocked)
 

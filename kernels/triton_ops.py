@@ -104,7 +104,9 @@ def _encode_blocks_kernel(
     if HAS_MINUS:
         x = x - tl.load(minus + at, mask=at < numel, other=0.0).to(tl.float32)
     scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), TOP)
-    scale = tl.where(scale > 0, scale, 1.0)
+    # tl.max may drop a NaN, which torch's amax keeps: a block holding one must decode non-finite.
+    scale = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), scale)
+    scale = tl.where(scale == 0, 1.0, scale)
     tl.store(scales + blocks, scale, mask=blocks < n_blocks)
     y = tl.math.div_rn(x, scale[:, None])
     if CODEC == 4:

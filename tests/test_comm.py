@@ -78,6 +78,21 @@ def test_round_trip_error_within_the_format_bound(name):
     assert ((decoded - x).abs() <= _block_bound(name, x)).all()
 
 
+@pytest.mark.parametrize("name", list(CODECS))
+@pytest.mark.parametrize("bad", [NAN, float("inf")])
+def test_a_non_finite_value_decodes_non_finite(name, bad):
+    # A block's scale comes from its absmax: a NaN or inf in it must not come out as finite zeros,
+    # or a receiver that checks finiteness after decoding would take a broken update for a quiet one.
+    x = _values(3 * BLOCK)
+    x[BLOCK + 5] = bad
+    codec = get_codec(name)
+    decoded = codec.decode(codec.encode(x), x.numel())
+    assert not decoded[BLOCK + 5].isfinite()
+    unscaled = name in ("fp32", "bf16")
+    assert decoded[BLOCK : 2 * BLOCK].isfinite().sum() == (BLOCK - 1 if unscaled else 0)
+    assert decoded[:BLOCK].isfinite().all() and decoded[2 * BLOCK :].isfinite().all()
+
+
 def test_e3m0_codes_by_hand():
     # absmax 1: magnitudes round to the nearest of 0, 2^-6 ... 2^-1, 1 (ties up, zero below 2^-7).
     x = torch.tensor([1.0, -0.75, 0.7, 0.4, -0.3, 0.2, 0.01, 0.005, 0.0, -(2.0**-6)])

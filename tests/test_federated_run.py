@@ -65,6 +65,7 @@ def test_failing_nan_and_late_clients_are_left_out_and_the_rounds_go_on(tmp_path
         "faults",
         *TIMED_BY_SPEED,
         f"federated.deadline_s={deadline}",
+        "federated.quantize=int8",  # a NaN must survive the codec to be caught
         "wandb.mode=offline",
         env={"COCODC_FAULTS": f"raise:{raises},nan:{sends_nan}"},
     )

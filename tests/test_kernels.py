@@ -62,6 +62,19 @@ def test_encode_is_bit_exact(name, numel):
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter casting NaN
+def test_a_non_finite_block_decodes_as_the_reference_does(name, bad):
+    codec = get_codec(name)
+    x = sample(300, 4)
+    x[130] = bad
+    got = codec.decode(triton_ops.encode(codec, x.to(DEVICE)).cpu(), 300)
+    expected = codec.decode(codec.encode(x), 300)
+    assert torch.equal(got.isfinite(), expected.isfinite()) and not got[130].isfinite()
+    assert torch.equal(got[expected.isfinite()], expected[expected.isfinite()])
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
 def test_encode_at_the_rounding_edges(name):
     codec = get_codec(name)
     x = edge_block()

@@ -57,7 +57,8 @@ class BlockCodec(Codec):
         numel = values.numel()
         blocks = torch.nn.functional.pad(values.float(), (0, -numel % BLOCK)).view(-1, BLOCK)
         scales = blocks.abs().amax(dim=1, keepdim=True) / self.top
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        # An all-zero block gets scale 1; a block holding NaN or inf keeps it, so it decodes non-finite.
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
         codes = self.to_codes(blocks / scales).reshape(-1)[: self.code_count(numel)]
         return torch.cat([scales.view(-1).view(torch.uint8), codes])
 
