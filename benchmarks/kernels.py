@@ -85,7 +85,12 @@ def operations(b: dict[str, torch.Tensor], n: int) -> dict[str, Callable[[], obj
         "encode": lambda: kernels.encode(CODEC, b["global_"], b["live"]),
         "mean": lambda: kernels.decode_sum(CODEC, b["rows"], n, weights, True),
         "outer": lambda: kernels.outer_apply(
-            **state, merge="compensate", sent=b["sent"], dc_lambda=0.5, normaliser=b["normaliser"], beta=0.9,
+            **state,
+            merge="compensate",
+            sent=b["sent"],
+            dc_lambda=0.5,
+            normaliser=b["normaliser"],
+            beta=0.9,
             **OUTER_OPTIONS,
         ),  # fmt: skip
         "stream": lambda: kernels.outer_apply(**state, merge="lerp", **OUTER_OPTIONS),

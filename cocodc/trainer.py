@@ -474,4 +474,3 @@ def first_line(err: BaseException) -> str:
 def threads_per_rank(config: Config) -> int:
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return config.train.threads or max(1, (os.cpu_count() or 1) // local_ranks)
-

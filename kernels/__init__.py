@@ -24,7 +24,7 @@ _triton_ops = None
 
 
 def set_backend(name: str) -> None:
-    """"auto": the Triton kernels on CUDA tensors where triton is importable, else the reference;
+    """ "auto": the Triton kernels on CUDA tensors where triton is importable, else the reference;
     "torch": the reference everywhere; "triton": the kernels for every tensor (a CPU tensor needs
     TRITON_INTERPRET=1 in the environment before the first kernel runs: tests do this)."""
     global _backend
@@ -72,9 +72,7 @@ def decode(codec: Codec, payload: torch.Tensor, numel: int) -> torch.Tensor:
     return codec.decode(payload, numel)
 
 
-def decode_sum(
-    codec: Codec, rows: torch.Tensor, numel: int, weights: Sequence[float], mean: bool
-) -> torch.Tensor:
+def decode_sum(codec: Codec, rows: torch.Tensor, numel: int, weights: Sequence[float], mean: bool) -> torch.Tensor:
     """sum_m w_m decode(rows[m]) in member order, in fp32 (each row holds its payload first), over
     the rows of weight != 0 (the others are never read); divided by sum_m w_m with `mean` (zeros
     if every weight is 0)."""

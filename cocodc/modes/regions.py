@@ -96,4 +96,3 @@ class RegionsMode:
     def rescue_state(self) -> dict[str, Any]:
         """The global copy as of the last applied sync: the same on every region."""
         return {"global_params": self.outer.global_params} if self.outer is not None else {}
-

@@ -15,9 +15,7 @@ from cocodc.sync.fragments import Fragment
 
 
 class FlatFragment:
-    def __init__(
-        self, fragment: Fragment, *, momentum: bool, normaliser: bool, sent: bool, tail: int = 0
-    ):
+    def __init__(self, fragment: Fragment, *, momentum: bool, normaliser: bool, sent: bool, tail: int = 0):
         params = fragment.params
         dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
         if len(dtypes) != 1 or len(devices) != 1:
@@ -55,4 +53,3 @@ class FlatFragment:
                 f"fragment {self.index}'s parameters were re-allocated after OuterSync was built (model.to(), "
                 "a new .data): build OuterSync after the model is on its device"
             )
-

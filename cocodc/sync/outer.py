@@ -73,9 +73,7 @@ class OuterSync:
         count = len(self.fragments)
         self.adaptive = config.schedule == "adaptive"
         self.schedule: RoundRobinSchedule | AdaptiveSchedule = (
-            AdaptiveSchedule(
-                config.sync_every, count, config.delay, config.max_staleness, link_share=config.link_share
-            )
+            AdaptiveSchedule(config.sync_every, count, config.delay, config.max_staleness, link_share=config.link_share)
             if self.adaptive
             else RoundRobinSchedule(config.sync_every, count, config.delay)
         )
