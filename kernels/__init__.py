@@ -24,7 +24,7 @@ _triton_ops = None
 
 
 def set_backend(name: str) -> None:
-    """ "auto": the Triton kernels on CUDA tensors where triton is importable, else the reference;
+    """The backend: "auto", the Triton kernels on CUDA tensors where triton is importable, else the reference;
     "torch": the reference everywhere; "triton": the kernels for every tensor (a CPU tensor needs
     TRITON_INTERPRET=1 in the environment before the first kernel runs: tests do this)."""
     global _backend
