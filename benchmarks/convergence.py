@@ -2,20 +2,27 @@
 final eval loss, over overlaps, seeds and data splits (DESIGN section 6).
 
     python benchmarks/convergence.py [-c configs/convergence.yaml] [--taus 1 10 20] [--seeds 0 1 2]
-        [--splits iid non_iid] [--methods ...] [--out benchmarks/results/convergence]
+        [--splits iid non_iid] [--methods ...] [--set topology.regions=4 ...] [--out DIR]
 
 Every cell is a real training run of the config (gloo, one process per region). The cells run
 inside one torchrun job per data split, one after another, so the processes start once; a cell
 whose run directory already holds a summary for the same config is not run again, so an
-interrupted sweep continues where it stopped. Then, per split, tau and seed, the target is the
-final eval loss of the better Streaming DiLoCo variant (alpha 0 or 0.5, by median over seeds);
-steps-to-target is the first eval step at or below it, and the reduction is
-1 - steps_method / steps_streaming; medians are over all seeds, a seed that never reaches the
-target counting as the slowest. Streaming with the least overlap is also judged against the
-larger overlaps' targets ("streaming a=0.5 at tau 1"): that is what a perfect delay
-compensation would reach. Writes convergence.md (medians and spreads over seeds),
-convergence.csv (every cell) and one plot per split and tau: eval loss against inner steps, and
-against wall-clock under the config's link model (which changes no loss, only the time).
+interrupted sweep continues where it stopped.
+
+Per split, tau and seed (paired: every method against the same seed's Streaming run), the target
+is the final eval loss of the better Streaming DiLoCo variant (alpha 0 or 0.5, by median over
+seeds); steps-to-target is the first eval step at or below it, and the reduction is
+1 - steps_method / steps_streaming; medians are over seeds, a seed that never reaches the target
+counting as the slowest. The whole curve counts too: the worst lag is the largest eval-loss lead
+of that Streaming run over the method at any eval after the first sync. A method that sends more
+than Streaming DiLoCo (the adaptive schedule with `sync.link_share`) also meets Streaming DiLoCo
+at the smaller H that sends as many bytes (a second pass runs those cells). Streaming with the
+least overlap is also judged against the larger overlaps' targets ("streaming a=0.5 at tau 1"):
+that is what a perfect delay compensation would reach.
+
+Writes convergence.md (medians and spreads over seeds), convergence.csv (every cell) and one plot
+per split and tau: eval loss against inner steps, and against wall-clock under the config's link
+model (which changes no loss, only the time).
 """
 
 from __future__ import annotations
@@ -44,20 +51,67 @@ METHODS: dict[str, list[str]] = {
     "cocodc a=0.5": ["sync.method=cocodc", "sync.alpha=0.5"],
     # The per-tensor normaliser (scale-free at every apply, w capped below 1).
     "cocodc-tensor a=0.5": ["sync.method=cocodc", "sync.alpha=0.5", "sync.dc_normaliser=tensor"],
-}
+    # The adaptive schedule at the sweep's tau, and with the link's idle share (its own tau, up to
+    # the sweep's): not in the default sweep; worth running on a link where the schedule matters.
+    "cocodc adaptive a=0.5": [
+        "sync.method=cocodc", "sync.alpha=0.5", "sync.schedule=adaptive", "sync.adaptive_delay=false",
+    ],
+    "cocodc link a=0.5": ["sync.method=cocodc", "sync.alpha=0.5", "sync.schedule=adaptive", "sync.link_share=0.5"],
+}  # fmt: skip
+DEFAULT_METHODS = [m for m in METHODS if "adaptive" not in m and "link" not in m]
 NO_OVERLAP = {"ddp", "diloco"}
 STREAMING = ("streaming a=0", "streaming a=0.5")
+SAME_BYTES = "streaming a=0.5 same bytes"  # at a smaller H, as many bytes as a method that sends more
+MORE_BYTES = 1.05  # a method sending this much more than Streaming DiLoCo gets the same-bytes baseline
+
+
+def cell(args: argparse.Namespace, split: str, seed: int, method: str, tau: int, every: int | None = None) -> dict:
+    """A run of `method` (or, with `every`, Streaming DiLoCo at that H: the same-bytes baseline)."""
+    label = method if every is None else f"streaming-H{every}"
+    name = f"{split}-seed{seed}-{label.replace(' ', '').replace('=', '')}-tau{tau}"
+    settings = METHODS[method] if every is None else [*METHODS["streaming a=0.5"], f"sync.sync_every={every}"]
+    settings = [*settings, f"seed={seed}", f"data.split={split}", f"sync.delay={tau}", *args.set]
+    return {"name": name, "method": method, "tau": tau, "seed": seed, "split": split, "set": settings, "every": every}
 
 
 def cells(args: argparse.Namespace, split: str) -> list[dict]:
-    plan = []
-    for seed in args.seeds:
-        for method in args.methods:
-            for tau in [0] if method in NO_OVERLAP else args.taus:
-                name = f"{split}-seed{seed}-{method.replace(' ', '').replace('=', '')}-tau{tau}"
-                settings = [*METHODS[method], f"seed={seed}", f"data.split={split}", f"sync.delay={tau}", *args.set]
-                plan.append({"name": name, "method": method, "tau": tau, "seed": seed, "split": split, "set": settings})
-    return plan
+    return [
+        cell(args, split, seed, method, tau)
+        for seed in args.seeds
+        for method in args.methods
+        for tau in ([0] if method in NO_OVERLAP else args.taus)
+    ]
+
+
+def bytes_sent(args: argparse.Namespace, cell: dict) -> int:
+    """Per region, over the run (the summary's count)."""
+    return json.loads((args.out / "runs" / cell["name"] / "summary.json").read_text())["bytes_sent"]
+
+
+def same_bytes_cells(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
+    """Streaming DiLoCo at the smaller H (a multiple of P) that sends as many bytes as each method
+    sending more than it does (by the median over seeds), one cell per seed."""
+    from cocodc.config import load_config
+
+    sync = load_config(args.config, args.set).sync
+    extra, wanted = [], set()
+    for c in plan:
+        c["bytes"] = bytes_sent(args, c)
+    for split, tau, method in sorted({(c["split"], c["tau"], c["method"]) for c in plan}):
+        group = [c for c in plan if (c["split"], c["tau"]) == (split, tau)]
+        sent = statistics.median(c["bytes"] for c in group if c["method"] == method)
+        streaming = statistics.median(c["bytes"] for c in group if c["method"] == "streaming a=0.5")
+        if method in NO_OVERLAP or not streaming or sent <= MORE_BYTES * streaming:
+            continue
+        every = round(sync.sync_every * streaming / sent / sync.fragments) * sync.fragments
+        every = max(every, (tau // sync.fragments + 1) * sync.fragments)  # tau < H: then it sends fewer
+        wanted.add((split, tau, every))
+        for c in group:
+            if c["method"] == method:
+                c["same_bytes_every"] = every
+    for split, tau, every in sorted(wanted):
+        extra += [cell(args, split, seed, SAME_BYTES, tau, every) for seed in args.seeds]
+    return extra
 
 
 def worker(plan_file: str) -> None:
@@ -113,11 +167,22 @@ def bound(method: str, tau: int) -> str:
     return f"{method} at tau {tau}"
 
 
+def worst_gap(points: list[tuple[int, float]], reference: list[tuple[int, float]], after: int) -> float:
+    """The largest eval-loss lead of `reference` over `points` at the evals both made after `after`."""
+    theirs = dict(reference)
+    return max((loss - theirs[step] for step, loss in points if step > after and step in theirs), default=0.0)
+
+
 def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
-    """One row per cell with its final loss, target, steps to target and reduction."""
-    for cell in plan:
-        cell["curve"] = curve(args.out / "runs" / cell["name"])
-        cell["final"] = cell["curve"][-1][1]
+    """One row per cell with its final loss, target, steps to target and reduction (against the
+    same seed's run: paired), its largest lag behind that run after the first sync, its bytes."""
+    from cocodc.config import load_config
+
+    sync = load_config(args.config, args.set).sync
+    for c in plan:
+        c["curve"] = curve(args.out / "runs" / c["name"])
+        c["final"] = c["curve"][-1][1]
+        c["bytes"] = bytes_sent(args, c)
     rows = []
     for cell in plan:
         judged = [(cell["method"], tau) for tau in (args.taus if cell["method"] in NO_OVERLAP else [cell["tau"]])]
@@ -125,6 +190,8 @@ def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
             # Streaming with the least overlap, judged against the targets of the larger overlaps:
             # what a perfect delay compensation could reach at most.
             judged += [(bound(cell["method"], cell["tau"]), tau) for tau in args.taus if tau != cell["tau"]]
+        if cell["method"] == SAME_BYTES:
+            judged = [(f"streaming a=0.5 at H={cell['every']}", cell["tau"])]
         for method, tau in judged:
             group = [c for c in plan if c["split"] == cell["split"] and c["tau"] == tau]
             best = min(STREAMING, key=lambda m: statistics.median(c["final"] for c in group if c["method"] == m))
@@ -133,22 +200,36 @@ def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
             reference = next(c for c in group if c["method"] == best and c["seed"] == cell["seed"])
             target = reference["final"]
             steps, base = steps_to(cell["curve"], target), steps_to(reference["curve"], target)
-            rows.append({
+            first_apply = sync.sync_every // sync.fragments + tau
+            row = {
                 "split": cell["split"], "tau": tau, "method": method, "seed": cell["seed"],
                 "final_eval_loss": round(cell["final"], 4), "target": round(target, 4), "reference": best,
                 "steps_to_target": steps, "reference_steps": base,
                 "reduction": None if steps is None else round(1 - steps / base, 4),
-            })  # fmt: skip
+                "worst_gap": round(worst_gap(cell["curve"], reference["curve"], first_apply), 4),
+                "bytes_sent": cell["bytes"], "same_bytes_reduction": None,
+            }  # fmt: skip
+            if "same_bytes_every" in cell and method == cell["method"]:
+                matched = next(
+                    c for c in plan if c["method"] == SAME_BYTES and c["seed"] == cell["seed"]
+                    and (c["split"], c["tau"], c["every"]) == (cell["split"], tau, cell["same_bytes_every"])
+                )  # fmt: skip
+                matched_steps = steps_to(matched["curve"], target)
+                if steps is not None:
+                    row["same_bytes_reduction"] = round(1 - steps / matched_steps, 4) if matched_steps else 1.0
+            rows.append(row)
     return rows
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     header = ["split", "tau", "method", "final eval loss (median, range)", "steps to target (median)",
-              "reduction (median, range)", "reached"]  # fmt: skip
+              "reduction (median, range)", "reached", "worst lag after the first sync (median, max)",
+              "MB sent a region", "reduction vs Streaming at the same bytes"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     for split in args.splits:
         for tau in args.taus:
-            for method in [*args.methods, *(bound(m, min(args.taus)) for m in STREAMING)]:
+            for method in methods:
                 group = [r for r in rows if (r["split"], r["tau"], r["method"]) == (split, tau, method)]
                 if not group:
                     continue
@@ -161,9 +242,13 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                 median = statistics.median_low(reductions)
                 reduction = "not reached" if median == -math.inf else f"{median:+.1%} ({spread(reductions)})"
                 steps = "-" if steps == math.inf else steps
+                gaps = [r["worst_gap"] for r in group]
+                same = [r["same_bytes_reduction"] for r in group if r["same_bytes_reduction"] is not None]
+                same_bytes = f"{statistics.median_low(same):+.1%}" if same else "-"
                 lines.append(
                     f"| {split} | {tau} | {method} | {statistics.median(finals):.4f} ({spread(finals)}) | {steps} | "
-                    f"{reduction} | {len(reached)}/{len(group)} |"
+                    f"{reduction} | {len(reached)}/{len(group)} | {statistics.median(gaps):+.4f} ({max(gaps):+.4f}) | "
+                    f"{statistics.median(r['bytes_sent'] for r in group) / 1e6:.1f} | {same_bytes} |"
                 )
     return "\n".join(lines)
 
@@ -201,7 +286,7 @@ def main() -> None:
     parser.add_argument("--taus", type=int, nargs="+", default=[1, 10, 20])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--splits", nargs="+", choices=["iid", "non_iid"], default=["iid", "non_iid"])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every cell")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence"))
     args = parser.parse_args()
@@ -216,7 +301,10 @@ def main() -> None:
     for split in args.splits:
         split_plan = cells(args, split)
         run_split(args, split, split_plan)
-        plan += split_plan
+        matching = same_bytes_cells(args, split_plan)
+        if matching:
+            run_split(args, split, matching)
+        plan += split_plan + matching
     rows = analyse(args, plan)
     text = table(rows, args)
     print(text)
