@@ -54,7 +54,7 @@ def pick_device(config: Config) -> torch.device:
     wanted = config.train.device
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda but no CUDA device is visible")
-    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available() and config.mode == "regions"):
         # More local ranks than GPUs share them in turn (gloo only: NCCL takes one GPU per rank).
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")

@@ -52,6 +52,18 @@ def test_bad_overrides_name_the_problem(override, message):
 
 
 @pytest.mark.parametrize(
+    ("config", "override", "message"),
+    [
+        ("federated.yaml", "train.device=cuda", "mode federated runs on CPU over gloo; train.device cuda is for"),
+        ("split.yaml", "topology.backend=nccl", "mode split runs on CPU over gloo; topology.backend nccl is for"),
+    ],
+)
+def test_federated_and_split_refuse_a_gpu_setting(config, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / config, [override])
+
+
+@pytest.mark.parametrize(
     "overrides, mix",
     [
         ([], 0.0),
