@@ -2,6 +2,7 @@
 training, labels that stay home in the u shape, failing workers, batch regulation, resume."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,17 @@ def test_failing_and_nan_workers_are_left_out_and_batches_are_regulated(tmp_path
     summary = json.loads((tmp_path / "faults" / "summary.json").read_text())
     assert summary["worker_steps_left_out"] == 8 and summary["batch_sizes"] == sizes
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+
+
+def test_a_u_shaped_worker_whose_head_fails_is_left_out(tmp_path):
+    # Its loss is NaN: it sends no gradient, the server gives its rows none and replies with nothing.
+    result = train(tmp_path, "head", "split.shape=u", env={"COCODC_FAULTS": "head_nan:3"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "step 1: worker 3's head failed: its loss or gradient is not finite" in result.stderr
+    records = read_records(tmp_path / "head" / "metrics.jsonl")
+    assert all(r["excluded"] == [3] for r in records if r["kind"] == "split")
+    summary = json.loads((tmp_path / "head" / "summary.json").read_text())
+    assert math.isfinite(summary["final_eval_loss"]) and summary["final_eval_loss"] < summary["initial_eval_loss"]
 
 
 def test_resume_is_bit_identical(tmp_path):

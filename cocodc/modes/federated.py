@@ -56,12 +56,13 @@ def load_initial_model(model: nn.Module, source: str) -> None:
         raise ConfigError(f"federated.init_from {source}: cannot load its model into this config's ({first})") from None
 
 
-def parse_faults(text: str) -> dict[int, str]:
+def parse_faults(text: str, kinds: tuple[str, ...] = ("raise", "nan")) -> dict[int, str]:
+    """"raise:3,nan:5" -> {3: "raise", 5: "nan"}, of the given kinds of fault."""
     faults = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         kind, _, client = item.partition(":")
-        if kind not in ("raise", "nan") or not client.isdigit():
-            raise ConfigError(f"{FAULTS_ENV}: {item!r} is not raise:<client> or nan:<client>")
+        if kind not in kinds or not client.isdigit():
+            raise ConfigError(f"{FAULTS_ENV}: {item!r} is not {' or '.join(k + ':<n>' for k in kinds)}")
         faults[int(client)] = kind
     return faults
 

@@ -13,7 +13,8 @@ exactly training on the merged batch) or each on its own and averaged every k st
 
 Every rank holds a whole Transformer (the trainer's, for eval and checkpoints); the server trains
 the part it owns in it, and each worker trains its own copy's part. A worker that fails or sends
-a non-finite tensor is left out of the step (with a line on the console), and the others go on.
+a non-finite tensor (its activations or, in the u shape, its head's loss and gradient) is left out
+of the step (with a line on the console), and the others go on.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class SplitMode:
         self.train_model = model
         self.layers = len(model.blocks)
         self.profiles = DeviceProfiles.draw(sp.workers, config.seed, config.devices)
-        self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
+        # head_nan: a u-shaped worker's head turns its loss to NaN.
+        self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""), ("raise", "nan", "head_nan"))
         total = sp.workers * config.train.batch_size
         self.sizes = [config.train.batch_size] * sp.workers
         self.regulated: dict[str, Any] | None = None  # the regulation's inputs, until logged
@@ -182,15 +184,25 @@ class SplitMode:
                 hidden = self.wan.recv(SERVER, tag=w, device=trainer.device).wait()
                 if hidden.numel() == 0:
                     continue
-                hidden.requires_grad_(True)
-                with autocast:
-                    logits = self.workers[w].model.logits(hidden)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets[w].flatten())
-                loss.backward()
+                waiting.append(w)  # for a gradient, or, after a failed head, the server's empty reply
+                try:
+                    hidden.requires_grad_(True)
+                    with autocast:
+                        logits = self.workers[w].model.logits(hidden)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), targets[w].flatten())
+                    if self.faults.get(w) == "head_nan":
+                        loss = loss * math.nan
+                    loss.backward()
+                    if not (math.isfinite(loss.item()) and torch.isfinite(hidden.grad).all()):
+                        raise FloatingPointError("its loss or gradient is not finite")
+                except Exception as err:  # as a failed bottom: the step goes on without this worker
+                    print(f"cocodc: step {trainer.step}: worker {w}'s head failed: {err}", file=sys.stderr, flush=True)
+                    sends.append(self.wan.send(EMPTY, SERVER, tag=w))
+                    sends.append(self.wan.send(torch.tensor([math.nan], dtype=torch.float64), SERVER, tag=w))
+                    continue
                 losses[w] = loss.item()
                 sends.append(self.wan.send(hidden.grad, SERVER, tag=w, codec=sp.quantize))
                 sends.append(self.wan.send(torch.tensor([loss.item()], dtype=torch.float64), SERVER, tag=w))
-                waiting.append(w)
         for w in waiting:
             gradient = self.wan.recv(SERVER, tag=w, device=trainer.device).wait()
             if gradient.numel():
@@ -312,15 +324,23 @@ class SplitMode:
                     )
                 gradients = []
                 for w, (grad_handle, loss_handle), weight, n in zip(members, replies, share, rows, strict=True):
-                    gradients.append(grad_handle.wait() * weight)  # own mean loss -> the group's
-                    losses.append((n, loss_handle.wait().item()))
+                    gradient, loss = grad_handle.wait(), loss_handle.wait().item()
                     legs["reply"][w] += grad_handle.bytes_received + loss_handle.bytes_received
+                    if gradient.numel() == 0 or not math.isfinite(loss) or not torch.isfinite(gradient).all():
+                        excluded.append(w)  # its head failed: its rows take no gradient
+                        gradients.append(torch.zeros(n, *hidden.shape[1:], device=hidden.device))
+                        continue
+                    gradients.append(gradient * weight)  # own mean loss -> the group's
+                    losses.append((n, loss))
                 rest_started = time.perf_counter()  # the rest of the compute follows the workers' replies
                 hidden.backward(torch.cat(gradients).to(hidden.dtype))
             self._server_optimizer_step(trainer, lr)
             timeline.append((members, forward_s, time.perf_counter() - rest_started))
             for w, gradient, weight in zip(members, merged.grad.split(rows), share, strict=True):
-                send(w, gradient / weight, "gradient", sp.quantize)  # the gradient of the worker's own mean loss
+                if w in excluded:
+                    send(w, EMPTY, "gradient")
+                else:
+                    send(w, gradient / weight, "gradient", sp.quantize)  # the gradient of the worker's own mean loss
         for handle in sends:
             handle.wait()
         self._record(trainer.step, legs, timeline, excluded)
