@@ -57,7 +57,7 @@ def load_initial_model(model: nn.Module, source: str) -> None:
 
 
 def parse_faults(text: str, kinds: tuple[str, ...] = ("raise", "nan")) -> dict[int, str]:
-    """"raise:3,nan:5" -> {3: "raise", 5: "nan"}, of the given kinds of fault."""
+    """ "raise:3,nan:5" -> {3: "raise", 5: "nan"}, of the given kinds of fault."""
     faults = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         kind, _, client = item.partition(":")
