@@ -149,9 +149,9 @@ def run_split(args: argparse.Namespace, split: str, plan: list[dict]) -> None:
         sys.exit(f"convergence: the {split} sweep failed")
 
 
-def curve(run: Path) -> list[tuple[int, float]]:
+def evals(run: Path) -> list[dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return sorted((r["step"], r["loss"]) for r in records if r["kind"] == "eval" and r["scope"] == "global")
+    return sorted((r for r in records if r["kind"] == "eval" and r["scope"] == "global"), key=lambda r: r["step"])
 
 
 def steps_to(points: list[tuple[int, float]], target: float) -> int | None:
@@ -180,7 +180,9 @@ def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
 
     sync = load_config(args.config, args.set).sync
     for c in plan:
-        c["curve"] = curve(args.out / "runs" / c["name"])
+        points = evals(args.out / "runs" / c["name"])
+        c["curve"] = [(r["step"], r["loss"]) for r in points]
+        c["wall"] = {r["step"]: r["wall_s"] for r in points}  # the run's wall-clock, link waits included
         c["final"] = c["curve"][-1][1]
         c["bytes"] = bytes_sent(args, c)
     rows = []
@@ -206,6 +208,7 @@ def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
                 "final_eval_loss": round(cell["final"], 4), "target": round(target, 4), "reference": best,
                 "steps_to_target": steps, "reference_steps": base,
                 "reduction": None if steps is None else round(1 - steps / base, 4),
+                "seconds_to_target": None if steps is None else round(cell["wall"][steps], 2),
                 "worst_gap": round(worst_gap(cell["curve"], reference["curve"], first_apply), 4),
                 "bytes_sent": cell["bytes"], "same_bytes_reduction": None,
             }  # fmt: skip
@@ -223,7 +226,8 @@ def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     header = ["split", "tau", "method", "final eval loss (median, range)", "steps to target (median)",
-              "reduction (median, range)", "reached", "worst lag after the first sync (median, max)",
+              "reduction (median, range)", "reached", "wall-clock to target, s (median)",
+              "worst lag after the first sync (median, max)",
               "MB sent a region", "reduction vs Streaming at the same bytes"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -245,9 +249,13 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                 gaps = [r["worst_gap"] for r in group]
                 same = [r["same_bytes_reduction"] for r in group if r["same_bytes_reduction"] is not None]
                 same_bytes = f"{statistics.median_low(same):+.1%}" if same else "-"
+                seconds = statistics.median_high(
+                    math.inf if r["seconds_to_target"] is None else r["seconds_to_target"] for r in group
+                )
                 lines.append(
                     f"| {split} | {tau} | {method} | {statistics.median(finals):.4f} ({spread(finals)}) | {steps} | "
-                    f"{reduction} | {len(reached)}/{len(group)} | {statistics.median(gaps):+.4f} ({max(gaps):+.4f}) | "
+                    f"{reduction} | {len(reached)}/{len(group)} | {'-' if seconds == math.inf else seconds} | "
+                    f"{statistics.median(gaps):+.4f} ({max(gaps):+.4f}) | "
                     f"{statistics.median(r['bytes_sent'] for r in group) / 1e6:.1f} | {same_bytes} |"
                 )
     return "\n".join(lines)

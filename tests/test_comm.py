@@ -1,8 +1,10 @@
 """The comm engine: codecs, the two quantized means, and every operation over real gloo groups."""
 
 import os
+import socket
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -237,6 +239,45 @@ def test_weighted_means_and_sums_over_three_processes(tmp_path):
         assert out["gather"] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
         assert out["broadcast"] == [2.0, 2.0, 2.0]
     assert results[2]["totals"][0] == results[0]["totals"][0] + 2 * 12  # the broadcast's source sends to both
+
+
+def _torchft_worker(rank: int, store: str, results) -> None:
+    # torchft's reconfigurable gloo group, configured by hand as its Manager does at a quorum: all
+    # three members, then the two left after member 1 drops out (a new quorum, a new store prefix).
+    from torchft.process_group import ProcessGroupGloo
+
+    port = int(Path(store).read_text())
+    tcp_store = dist.TCPStore("127.0.0.1", port, is_master=rank == 0, wait_for_workers=False)
+    group = ProcessGroupGloo(timeout=timedelta(seconds=30))
+    members = [_values(1000) * (m + 1) for m in range(3)]
+    out = {}
+    for quorum, ranks in ((1, [0, 1, 2]), (2, [0, 2])):
+        if rank not in ranks:
+            continue
+        group.configure(f"127.0.0.1:{port}/torchft/{quorum}/0", f"region {rank}", ranks.index(rank), len(ranks))
+        engine = CommEngine(group.parent, name="inter-region", members=[f"region {m}" for m in ranks])
+        mine = members[rank]
+        for algorithm in ("gather", "reduce_scatter"):
+            mean = engine.all_reduce_mean(mine, "e3m0", algorithm=algorithm).wait()
+            expected = simulate_all_reduce([members[m] for m in ranks], [1.0] * len(ranks), "e3m0", algorithm)
+            out[quorum, algorithm] = torch.equal(mean, expected)
+        out[quorum, "size"] = engine.size, engine.rank, engine.tagged_p2p
+    results[rank] = out
+    tcp_store.add("done", 1)
+    while rank == 0 and tcp_store.add("done", 0) < 3:  # the store outlives its clients
+        time.sleep(0.05)
+
+
+def test_the_engine_runs_over_torchfts_reconfigurable_group(tmp_path):
+    pytest.importorskip("torchft")
+    with socket.socket() as probe:  # a free port for the store that torchft's quorums would share
+        probe.bind(("127.0.0.1", 0))
+        (tmp_path / "store").write_text(str(probe.getsockname()[1]))
+    results = _spawn(_torchft_worker, tmp_path, nprocs=3)
+    for rank, position in ((0, 0), (2, 1)):
+        assert results[rank][1, "size"] == (3, rank, True) and results[rank][2, "size"] == (2, position, True)
+        assert all(results[rank][key] for key in results[rank] if key[1] != "size")
+    assert results[1] == {(1, "gather"): True, (1, "reduce_scatter"): True, (1, "size"): (3, 1, True)}
 
 
 def _engine_worker(rank: int, store: str, results) -> None:

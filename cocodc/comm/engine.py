@@ -253,6 +253,17 @@ class _Reduction:
         return result.view(self.like.shape).to(self.like.device, self.like.dtype)
 
 
+def _backend_of(group: dist.ProcessGroup | None) -> str:
+    """ "cpu:gloo", "cuda:nccl", or both (a group made with no backend named, as accelerate does);
+    a group torch.distributed did not register (torchft's, rebuilt at every quorum) names its one."""
+    if group is None:
+        return "gloo"
+    try:
+        return dist.get_backend_config(group)
+    except (KeyError, ValueError, TypeError):  # not in the registry, or no default group at all
+        return group.name()
+
+
 class CommEngine:
     """Operations over `group` (None: a group of one), timed by `link`, reported as the `name`
     group of `members` (one label per group rank) in errors."""
@@ -267,8 +278,9 @@ class CommEngine:
         timeout_s: float | None = None,
     ):
         self.group = group
-        self.size = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
+        # Asked of the group itself: torchft's reconfigurable groups are not in torch's registry.
+        self.size = group.size() if group is not None else 1
+        self.rank = group.rank() if group is not None else 0
         if link is not None and link.size != self.size:
             raise ValueError(f"the link model has {link.size} ranks but the group has {self.size}")
         self.members = list(members) if members is not None else [f"rank {r}" for r in range(self.size)]
@@ -277,8 +289,7 @@ class CommEngine:
         self.name = name
         self.link = link
         self.timeout_s = timeout_s
-        # "cpu:gloo", "cuda:nccl", or both (a group made with no backend named, as accelerate does).
-        self.backend = dist.get_backend_config(group) if group is not None else "gloo"
+        self.backend = _backend_of(group)
         self.tagged_p2p = "gloo" in self.backend
         # Where tensors travel: gloo moves CPU tensors, NCCL CUDA ones.
         self.device = torch.device("cpu") if self.tagged_p2p else torch.device("cuda", torch.cuda.current_device())
