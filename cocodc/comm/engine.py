@@ -97,7 +97,8 @@ class _Thread:
         self.error: Exception | None = None
 
     def start(self, handle: Handle) -> None:
-        threading.Thread(target=self._main, args=(handle,), daemon=True).start()
+        self._thread = threading.Thread(target=self._main, args=(handle,), daemon=True)
+        self._thread.start()
 
     def _main(self, handle: Handle) -> None:
         try:
@@ -116,6 +117,11 @@ class _Thread:
     def wait(self, deadline: float | None) -> bool:
         if not self._done.wait(None if deadline is None else max(0.0, deadline - time.perf_counter())):
             return False
+        # The thread still resolves the future (in C++) after `done`: one that a process's exit
+        # catches there aborts it ("terminate called without an active exception", seen in CI).
+        # The future's callbacks run on the thread and may wait too; it cannot join itself.
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
         if self.error is not None:
             raise self.error
         return True
@@ -254,8 +260,9 @@ class _Reduction:
 
 
 def _backend_of(group: dist.ProcessGroup | None) -> str:
-    """ "cpu:gloo", "cuda:nccl", or both (a group made with no backend named, as accelerate does);
-    a group torch.distributed did not register (torchft's, rebuilt at every quorum) names its one."""
+    """The group's backends: "cpu:gloo", "cuda:nccl", or both (a group made with no backend named,
+    as accelerate does); a group torch.distributed did not register (torchft's, rebuilt at every
+    quorum) names its one."""
     if group is None:
         return "gloo"
     try:
