@@ -8,12 +8,17 @@ Nothing it starts outlives it, even when it is killed: the kernel sends its node
 and the network's server SIGTERM (a parent-death signal). For several hosts, run torchrun
 yourself: `torchrun --nnodes ... -m cocodc.train -c X.yaml`.
 
+With `ft.enabled`, it starts torchft's lighthouse (unless `ft.lighthouse` names one) and one
+torchrun job per region, each restarted up to `ft.max_restarts` times; the run ends when every job
+has, and survives the regions lost for good as long as `ft.min_regions` finish.
+
 `cocodc netem up|down|status` manages an emulated WAN by hand; `cocodc report RUN...` plots runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -25,6 +30,7 @@ from torch.distributed import TCPStore
 
 from cocodc import __version__, checkpoint, netem
 from cocodc.config import Config, ConfigError, load_config
+from cocodc.topology import REGION_ENV
 
 RENDEZVOUS_PORT = 29400
 # The pid of the `cocodc train` that started the workers: they end when it ends, even by SIGKILL.
@@ -59,15 +65,23 @@ def train_command(args: list[str]) -> int:
         config = load_config(options.config, options.overrides)
         trainer.check_run_dir(config, options.resume, options.overwrite)
         world_size = config.world_size
-        if options.resume:
-            root = config.run_dir / "checkpoints"
-            checkpoint.check_compatible(root, checkpoint.latest_step(root), config, world_size)
+        if options.resume:  # with ft, every region resumes its own
+            for region in range(config.topology.regions if config.ft.enabled else 1):
+                root = trainer.checkpoint_root(config, region)
+                checkpoint.check_compatible(root, checkpoint.latest_step(root), config, world_size)
         over_netem = config.wan.enabled and config.wan.emulation == "netem"
         if over_netem:
             netem.check_host()
     except (ConfigError, checkpoint.CheckpointError, netem.NetemError) as err:
         print(f"cocodc: error: {err}", file=sys.stderr)
         return 2
+    if config.ft.enabled:
+        os.environ[LAUNCHER_PID] = str(os.getpid())
+        try:
+            return train_regions(config, args, options.overwrite)
+        except LauncherInterrupted as err:
+            print(f"cocodc: error: interrupted by {err}; the regions' jobs are stopped", file=sys.stderr)
+            return 128 + err.signum
     if world_size == 1:
         return train.main(args)
     # torchrun would set one thread per process and warn; share the cores out instead.
@@ -118,7 +132,9 @@ def torchrun() -> None:
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited {failure.exitcode}"
-        print(f"cocodc: error: rank {rank} {how} first; the run stopped", file=sys.stderr)
+        region = os.environ.get(REGION_ENV)  # ft: this is one region's job
+        stopped = f"region {region}'s job stopped" if region is not None else "the run stopped"
+        print(f"cocodc: error: rank {rank} {how} first; {stopped}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -158,6 +174,55 @@ def train_over_netem(config: Config, args: list[str]) -> int:
     if codes is None:
         raise LauncherInterrupted(received[0])
     return max(codes, key=abs)
+
+
+def train_regions(config: Config, args: list[str], overwrite: bool) -> int:
+    """`ft`: the lighthouse here and one torchrun job per region. A job that fails is restarted by
+    its torchrun; one that fails for good leaves the others to finish without it."""
+    import shutil
+
+    from cocodc.ft import LIGHTHOUSE_ENV
+
+    received: list[int] = []
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda number, _frame: received.append(number))
+    if overwrite:  # once, here: the regions' jobs share the directory and may restart
+        shutil.rmtree(config.run_dir, ignore_errors=True)
+    args = [arg for arg in args if arg != "--overwrite"]
+    f, regions, per_region = config.ft, config.topology.regions, config.topology.ranks_per_region
+    if not config.train.threads:  # every region on this host: share its cores out
+        args = [*args, "--set", f"train.threads={max(1, (os.cpu_count() or 1) // (regions * per_region))}"]
+    os.environ.setdefault("RUST_LOG", "warn")  # torchft's lighthouse and managers log every quorum at info
+    env = {**os.environ}
+    lighthouse = None
+    if not f.lighthouse:
+        from torchft.coordination import LighthouseServer
+
+        lighthouse = LighthouseServer(
+            bind="[::]:0", min_replicas=f.min_regions, heartbeat_timeout_ms=round(f.heartbeat_timeout_s * 1000)
+        )
+        env[LIGHTHOUSE_ENV] = lighthouse.address()
+        print(f"cocodc: torchft lighthouse at {lighthouse.address()}: {regions} regions", flush=True)
+    job = [*_torchrun(), "--standalone", f"--nproc-per-node={per_region}", f"--max-restarts={f.max_restarts}"]
+    nodes: list[subprocess.Popen] = []
+    codes: list[int] | None = None
+    try:
+        for region in range(regions):
+            nodes.append(subprocess.Popen([*job, *WORKER, *args], env={**env, REGION_ENV: str(region)}))
+        codes = _wait(nodes, received, grace_s=math.inf)
+    finally:
+        _stop(nodes, netem.STOP_GRACE_S if codes is None else FAILED_NODE_GRACE_S)
+        if lighthouse is not None:
+            lighthouse.shutdown()
+    if codes is None:
+        raise LauncherInterrupted(received[0])
+    lost = [region for region, code in enumerate(codes) if code]
+    if len(lost) > regions - f.min_regions:
+        print(f"cocodc: error: regions {lost} failed for good; fewer than ft.min_regions finished", file=sys.stderr)
+        return 1
+    if lost:
+        print(f"cocodc: regions {lost} failed for good; the others finished the run without them", flush=True)
+    return 0
 
 
 def _start_node(config: Config, name: str, region: int, args: list[str], env: dict[str, str]) -> subprocess.Popen:

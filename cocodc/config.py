@@ -149,6 +149,21 @@ class EvalConfig:
 
 
 @dataclass
+class FtConfig:
+    """Regions that fail and come back (torchft): each region is its own torchrun job, a replica
+    group of torchft's, and a lighthouse decides who takes part in every fragment sync."""
+
+    enabled: bool = False
+    lighthouse: str = ""  # http://host:port of a running lighthouse; empty: `cocodc train` starts one
+    min_regions: int = 1  # a sync commits only with at least this many regions in its quorum
+    # A region whose heartbeat is silent this long is out of the next quorum: the bound on how long
+    # the others wait for a dead region.
+    heartbeat_timeout_s: float = 5.0
+    quorum_timeout_s: float = 600.0  # the longest wait for a quorum (a peer's long outer step, a restart)
+    max_restarts: int = 3  # torchrun restarts of a region's job that failed
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs"
     name: str = ""  # empty: the config file's stem
@@ -238,6 +253,7 @@ class Config:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    ft: FtConfig = field(default_factory=FtConfig)
     mode: Literal["regions", "federated", "split"] = "regions"
     seed: int = 0
 
@@ -484,6 +500,7 @@ def validate(config: Config) -> None:
                 "a fragment is a group of blocks"
             )
     _validate_wan(config)
+    _validate_ft(config)
     if config.mode == "federated":
         _validate_federated(config)
     if config.mode == "split":
@@ -519,6 +536,28 @@ def _validate_wan(config: Config) -> None:
         LinkModel.build(config.topology.regions, w.latency_ms, w.bandwidth_mbps, w.jitter_ms)
     except ValueError as err:
         raise ConfigError(f"config key {err}") from None
+
+
+def _validate_ft(config: Config) -> None:
+    f = config.ft
+    if not f.enabled:
+        return
+    if config.mode != "regions" or config.sync.method == "ddp":
+        raise ConfigError(
+            f"ft.enabled needs mode regions with an outer sync (sync.method diloco, streaming or cocodc), "
+            f"not mode {config.mode} with sync.method {config.sync.method}"
+        )
+    if config.wan.enabled and config.wan.emulation == "netem":
+        raise ConfigError("ft.enabled runs over the link model (wan.emulation model), not netem yet")
+    if not 1 <= f.min_regions <= config.topology.regions:
+        raise ConfigError(f"config key 'ft.min_regions' must be 1 .. topology.regions; got {f.min_regions}")
+    for key in ("heartbeat_timeout_s", "quorum_timeout_s"):
+        if getattr(f, key) <= 0:
+            raise ConfigError(f"config key 'ft.{key}' must be positive; got {getattr(f, key)}")
+    if f.max_restarts < 0:
+        raise ConfigError(f"config key 'ft.max_restarts' must not be negative; got {f.max_restarts}")
+    if f.lighthouse and not f.lighthouse.startswith("http://"):
+        raise ConfigError(f"config key 'ft.lighthouse' must be an address like http://host:29510; got {f.lighthouse}")
 
 
 def _validate_federated(config: Config) -> None:

@@ -16,6 +16,7 @@ held out for eval.
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class BPETokenizer:
         return cls(HFTokenizer.from_file(str(path)))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # the regions of an ft run may each write it
         self._tokenizer.save(str(tmp))
         tmp.replace(path)
 
@@ -222,6 +223,16 @@ class ShardLoader:
         self.position += size
         return torch.from_numpy(self.sequences[np.sort(rows)].astype(np.int64))
 
+    def skip(self, batches: int) -> None:
+        """Move on by `batches` of train.batch_size, as that many `next_batch()` would."""
+        per_epoch = len(self.indices) // self.batch_size  # whole batches: an epoch's tail is never read
+        done = self.epoch * per_epoch + self.position // self.batch_size + batches
+        epoch, read = divmod(done, per_epoch)
+        if read == 0 and done:  # an epoch's last batch read: the next one starts the next epoch
+            epoch, read = epoch - 1, per_epoch
+        self.epoch, self.position = epoch, read * self.batch_size
+        self._order = self._epoch_order()
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 
@@ -275,6 +286,11 @@ class StreamLoader:
         flat = np.concatenate(parts).astype(np.int64)
         self._carry = flat[need:]
         return torch.from_numpy(flat[:need].reshape(self.batch_size, self.seq_len + 1))
+
+    def skip(self, batches: int) -> None:
+        """Move on by `batches`: read and dropped (a stream has no other way forward)."""
+        for _ in range(batches):
+            self.next_batch()
 
     def _next_row(self) -> dict[str, Any]:
         for _ in range(2):

@@ -104,6 +104,11 @@ class Metrics:
     def path(run_dir: Path, region: int) -> Path:
         return run_dir / ("metrics.jsonl" if region == 0 else f"metrics-region{region}.jsonl")
 
+    @staticmethod
+    def summary_path(run_dir: Path, region: int) -> Path:
+        """Region 0's leader writes the run's summary; with ft, every region's leader its own."""
+        return run_dir / ("summary.json" if region == 0 else f"summary-region{region}.json")
+
     def print(self, line: str) -> None:
         if self.console is not None:
             self.console.print(line)
@@ -170,7 +175,9 @@ class Metrics:
             if record["excluded"]:
                 self.print(
                     f"sync  step {record['step']:>6} | fragment {record['fragment']}: the update of region(s) "
-                    f"{', '.join(map(str, record['excluded']))} is not finite and was left out of the mean"
+                    f"{', '.join(map(str, record['excluded']))} "
+                    + ("is not finite or healed to join, " if "regions" in record else "is not finite ")
+                    + "and was left out of the mean"
                 )
             if self.wandb is not None:
                 # A list does not chart: wandb gets how many regions were left out.
@@ -213,7 +220,7 @@ class Metrics:
 
     def summary(self, summary: dict[str, Any]) -> None:
         if self.is_leader:
-            path = self.run_dir / "summary.json"
+            path = self.summary_path(self.run_dir, self.region)
             path.with_suffix(".tmp").write_text(json.dumps(summary, indent=2) + "\n")
             path.with_suffix(".tmp").replace(path)
             self.print(

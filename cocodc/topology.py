@@ -4,6 +4,10 @@ Rank r belongs to region r // R and has local index r % R. The intra-region grou
 ranks of one region (fast link, DDP); the inter-region group holds the M ranks that share a local
 index, one per region (the slow WAN link).
 
+With `ft.enabled`, each region is a torchrun job of its own (its region number in
+`COCODC_REGION`): the job's group is the region's, and the inter-region group is torchft's,
+rebuilt at every quorum (cocodc/ft.py); `inter_group` is None here.
+
 Setup (the run directory, the tokenizer) runs over the default group with the usual 10-minute
 timeout; the groups training uses time out after `topology.timeout_s`, so a lost or silent peer
 surfaces as an error within that bound rather than a hang.
@@ -20,6 +24,9 @@ import torch.distributed as dist
 
 from cocodc.config import Config, ConfigError
 
+REGION_ENV = "COCODC_REGION"  # with ft: the region whose job this process belongs to
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # torchrun's: how often it restarted this job's workers
+
 
 @dataclass
 class Topology:
@@ -31,7 +38,8 @@ class Topology:
     setup_group: dist.ProcessGroup
     world_group: dist.ProcessGroup
     intra_group: dist.ProcessGroup
-    inter_group: dist.ProcessGroup
+    inter_group: dist.ProcessGroup | None
+    job_rank: int  # in this torchrun job: the world, or with ft the region
 
     @property
     def region(self) -> int:
@@ -47,7 +55,8 @@ class Topology:
 
     @property
     def is_leader(self) -> bool:
-        return self.rank == 0
+        """Writes the run's shared files: rank 0 of the job (with ft, of each region's job)."""
+        return self.job_rank == 0
 
 
 def pick_device(config: Config) -> torch.device:
@@ -64,6 +73,8 @@ def init_topology(config: Config) -> Topology:
     """Join the torchrun job (or a one-process job outside torchrun) and build the groups."""
     regions, per_region = config.shape
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if config.ft.enabled:
+        return _init_region_job(config, world_size)
     if world_size != config.world_size:
         wanted = (
             f"1 server + federated.executors ({config.federated.executors})"
@@ -71,6 +82,61 @@ def init_topology(config: Config) -> Topology:
             else f"topology.regions x topology.ranks_per_region = {regions} x {per_region}"
         )
         raise ConfigError(f"{wanted} = {config.world_size} processes, but {world_size} were started")
+    device = _join_job(config)
+    rank = dist.get_rank()
+    timeout = _group_timeout(config)
+    # Every rank must create every group, in the same order.
+    world = dist.new_group(list(range(world_size)), timeout=timeout)
+    intra = [dist.new_group([m * per_region + i for i in range(per_region)], timeout=timeout) for m in range(regions)]
+    inter = [dist.new_group([m * per_region + i for m in range(regions)], timeout=timeout) for i in range(per_region)]
+    return Topology(
+        rank=rank,
+        world_size=world_size,
+        regions=regions,
+        ranks_per_region=per_region,
+        device=device,
+        setup_group=dist.group.WORLD,
+        world_group=world,
+        intra_group=intra[rank // per_region],
+        inter_group=inter[rank % per_region],
+        job_rank=rank,
+    )
+
+
+def _init_region_job(config: Config, world_size: int) -> Topology:
+    """One region's job of an `ft` run: its ranks are the job's; the region comes from the launcher."""
+    regions, per_region = config.shape
+    if REGION_ENV not in os.environ:
+        raise ConfigError(
+            f"ft.enabled: each region's job needs its region number in {REGION_ENV} (cocodc train sets it)"
+        )
+    region = int(os.environ[REGION_ENV])
+    if not 0 <= region < regions:
+        raise ConfigError(f"{REGION_ENV}={region}, but topology.regions is {regions}")
+    if world_size != per_region:
+        raise ConfigError(
+            f"ft.enabled: a region's job runs topology.ranks_per_region = {per_region} processes, "
+            f"but {world_size} were started"
+        )
+    device = _join_job(config)
+    local = dist.get_rank()
+    group = dist.new_group(list(range(per_region)), timeout=_group_timeout(config))
+    return Topology(
+        rank=region * per_region + local,
+        world_size=regions * per_region,
+        regions=regions,
+        ranks_per_region=per_region,
+        device=device,
+        setup_group=dist.group.WORLD,
+        world_group=group,
+        intra_group=group,
+        inter_group=None,
+        job_rank=local,
+    )
+
+
+def _join_job(config: Config) -> torch.device:
+    """Join this torchrun job's default group; returns this rank's device."""
     device = pick_device(config)
     backend = config.topology.backend
     if backend == "auto":
@@ -89,26 +155,14 @@ def init_topology(config: Config) -> Topology:
             os.environ.setdefault("MASTER_PORT", "29500")
             os.environ.setdefault("RANK", "0")
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
-    rank = dist.get_rank()
+    return device
+
+
+def _group_timeout(config: Config) -> timedelta:
     # The engine's own deadline (topology.timeout_s from the start of a wait) is to fire first, with
     # its clear message: the backend's counts from when the work was queued (and NCCL's watchdog
     # tears the process down without a word). Collectives run outside an engine (DDP's) get 2x.
-    timeout = timedelta(seconds=2 * config.topology.timeout_s)
-    # Every rank must create every group, in the same order.
-    world = dist.new_group(list(range(world_size)), timeout=timeout)
-    intra = [dist.new_group([m * per_region + i for i in range(per_region)], timeout=timeout) for m in range(regions)]
-    inter = [dist.new_group([m * per_region + i for m in range(regions)], timeout=timeout) for i in range(per_region)]
-    return Topology(
-        rank=rank,
-        world_size=world_size,
-        regions=regions,
-        ranks_per_region=per_region,
-        device=device,
-        setup_group=dist.group.WORLD,
-        world_group=world,
-        intra_group=intra[rank // per_region],
-        inter_group=inter[rank % per_region],
-    )
+    return timedelta(seconds=2 * config.topology.timeout_s)
 
 
 def shutdown() -> None:

@@ -62,6 +62,11 @@ class Mode(Protocol):
 
     def global_view(self) -> contextlib.AbstractContextManager[None]: ...
 
+    def join(self, trainer: Trainer) -> None:
+        """Before the first step: a mode whose members can fail and come back (regions with ft)
+        joins the others here, and may move `trainer` to their step."""
+        ...
+
     def rescue_state(self) -> dict[str, Any]:
         """What of the mode's state can be saved without the network (a peer is lost)."""
         ...
@@ -80,13 +85,20 @@ class Mode(Protocol):
 # ------------------------------------------------------------------ the run directory
 
 
-def check_run_dir(config: Config, resume: bool, overwrite: bool) -> None:
+def checkpoint_root(config: Config, region: int) -> Path:
+    """Where the run's checkpoints go; with ft, each region keeps its own (its job saves and
+    resumes on its own)."""
+    root = config.run_dir / "checkpoints"
+    return root / f"region{region}" if config.ft.enabled else root
+
+
+def check_run_dir(config: Config, resume: bool, overwrite: bool, region: int = 0) -> None:
     """Refuse to mix a new run into an old one; raises ConfigError or CheckpointError."""
     run_dir = config.run_dir
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other")
     if resume:
-        checkpoint.latest_step(run_dir / "checkpoints")
+        checkpoint.latest_step(checkpoint_root(config, region))
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise ConfigError(
             f"run directory {run_dir} exists; pass --resume to continue it, "
@@ -98,15 +110,19 @@ def open_run(
     config: Config, topology: Topology, setup: CommEngine, *, resume: bool, overwrite: bool, stop_at: int | None
 ) -> tuple[int, dict[str, Any] | None]:
     """Check, create or reopen the run directory; returns the step to start from and, on a
-    resume, this rank's saved state."""
-    run_dir, ckpt_root = config.run_dir, config.run_dir / "checkpoints"
-    check_run_dir(config, resume, overwrite)
+    resume, this rank's saved state. With ft, every region's job shares the directory and starts or
+    restarts on its own: the launcher checked and cleared it once for all."""
+    run_dir, ckpt_root = config.run_dir, checkpoint_root(config, topology.region)
+    if not config.ft.enabled:
+        check_run_dir(config, resume, overwrite)
     setup.barrier()  # every rank has checked before the leader changes anything
     if topology.is_leader:
-        if overwrite:
+        if overwrite and not config.ft.enabled:
             shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        saved = run_dir / f"config.yaml.{os.getpid()}.tmp"
+        saved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        saved.replace(run_dir / "config.yaml")
     start_step, state = 0, None
     if resume:
         start_step = checkpoint.latest_step(ckpt_root)
@@ -250,7 +266,7 @@ class Checkpointer:
 
     def __init__(self, config: Config, topology: Topology, world: CommEngine, parts: dict[str, Stateful]):
         self.config, self.topology, self.world, self.parts = config, topology, world, parts
-        self.root = config.run_dir / "checkpoints"
+        self.root = checkpoint_root(config, topology.region)
 
     def save(self, step: int) -> None:
         state = {"step": step, **{name: part.state_dict() for name, part in self.parts.items()}}
@@ -333,10 +349,10 @@ class Trainer:
 
     def evaluate(self, mode: Mode) -> float:
         """Eval loss of the global parameters (and of each region's own, with eval.per_region)."""
-        began, t = time.perf_counter(), self.topology
+        began, t, world = time.perf_counter(), self.topology, self.world
         batches, autocast = self.data.eval_batches, autocast_for(self.config, self.device)
-        with mode.global_view():
-            loss = evaluate(self.model, batches, t.rank, t.world_size, self.world, self.device, autocast)
+        with mode.global_view():  # dealt over the job's ranks: with ft, every region evaluates all
+            loss = evaluate(self.model, batches, world.rank, world.size, world, self.device, autocast)
         self.metrics.eval(self.step, loss, "global", self.totals.wall_s)
         if self.config.eval.per_region and mode.keeps_region_copies:
             own = evaluate(self.model, batches, t.local_index, t.ranks_per_region, self.intra, self.device, autocast)
@@ -351,6 +367,7 @@ class Trainer:
         checkpointer = Checkpointer(self.config, self.topology, self.world, parts)
         if state is not None:
             checkpointer.restore(state)
+        mode.join(self)
         self._announce(mode)
         try:
             return self._loop(mode, checkpointer, stop_at)

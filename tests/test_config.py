@@ -134,3 +134,10 @@ def test_forced_kernels_on_the_cpu_need_the_interpreter(monkeypatch):
         load_config(TINY, settings)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     load_config(TINY, settings)
+
+
+def test_ft_is_for_the_regions_modes_outer_sync(tmp_path):
+    with pytest.raises(ConfigError, match="ft.enabled needs mode regions with an outer sync"):
+        load_config(None, ["ft.enabled=true", "sync.method=ddp"])
+    with pytest.raises(ConfigError, match="ft.min_regions"):
+        load_config(None, ["ft.enabled=true", "ft.min_regions=3"])

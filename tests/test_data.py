@@ -151,3 +151,17 @@ def test_stream_source_shards_and_resumes(tmp_path):
     assert stream.column_names == ["text"]
     with pytest.raises(ConfigError, match="data.text_field 'body' is not a column"):
         open_stream(DataConfig(source=f"hf:{folder}", text_field="body"))
+
+
+def test_a_shard_loader_skips_to_where_as_many_batches_would_leave_it():
+    # A region healed from a peer jumps to the peer's step: skip(n) is n next_batch() calls.
+    sequences = np.arange(50 * 3).reshape(50, 3)
+    for before, skipped in ((0, 0), (0, 5), (3, 7), (5, 13), (2, 40)):
+        read, jumped = (ShardLoader(sequences, np.arange(23), 4, [1]) for _ in range(2))
+        for _ in range(before):
+            read.next_batch(), jumped.next_batch()
+        for _ in range(skipped):
+            read.next_batch()
+        jumped.skip(skipped)
+        assert read.state_dict() == jumped.state_dict()
+        assert torch.equal(read.next_batch(), jumped.next_batch())

@@ -284,27 +284,34 @@ class CommEngine:
         members: Sequence[str] | None = None,
         timeout_s: float | None = None,
     ):
-        self.group = group
-        # Asked of the group itself: torchft's reconfigurable groups are not in torch's registry.
-        self.size = group.size() if group is not None else 1
-        self.rank = group.rank() if group is not None else 0
-        if link is not None and link.size != self.size:
-            raise ValueError(f"the link model has {link.size} ranks but the group has {self.size}")
-        self.members = list(members) if members is not None else [f"rank {r}" for r in range(self.size)]
-        if len(self.members) != self.size:
-            raise ValueError(f"{len(self.members)} member labels for a group of {self.size}")
         self.name = name
-        self.link = link
         self.timeout_s = timeout_s
-        self.backend = _backend_of(group)
-        self.tagged_p2p = "gloo" in self.backend
-        # Where tensors travel: gloo moves CPU tensors, NCCL CUDA ones.
-        self.device = torch.device("cpu") if self.tagged_p2p else torch.device("cuda", torch.cuda.current_device())
+        self._lock = threading.Lock()  # counters and the link model, also touched by backend threads
+        self.rebind(group, link, members=members)
         self.bytes_sent = 0
         self.bytes_received = 0
         self.blocked_s = 0.0
         self._blocked_until = -math.inf
-        self._lock = threading.Lock()  # counters and the link model, also touched by backend threads
+
+    def rebind(
+        self, group: dist.ProcessGroup | None, link: LinkModel | None = None, *, members: Sequence[str] | None = None
+    ) -> None:
+        """Run over `group` from now on, keeping the counters: torchft rebuilds the inter-region
+        group whenever its quorum changes. Nothing may be in flight on the old group."""
+        # Asked of the group itself: torchft's reconfigurable groups are not in torch's registry.
+        size = group.size() if group is not None else 1
+        if link is not None and link.size != size:
+            raise ValueError(f"the link model has {link.size} ranks but the group has {size}")
+        members = list(members) if members is not None else [f"rank {r}" for r in range(size)]
+        if len(members) != size:
+            raise ValueError(f"{len(members)} member labels for a group of {size}")
+        self.group, self.size, self.link, self.members = group, size, link, members
+        self.rank = group.rank() if group is not None else 0
+        self.backend = _backend_of(group)
+        self.tagged_p2p = "gloo" in self.backend
+        # Where tensors travel: gloo moves CPU tensors, NCCL CUDA ones.
+        self.device = torch.device("cpu") if self.tagged_p2p else torch.device("cuda", torch.cuda.current_device())
+        # Tags count from 0 on every group: a member new to it counts as the others do.
         self._receives: dict[tuple[int, int], threading.Event] = {}
         self._reductions = 0
 

@@ -266,6 +266,9 @@ class FederatedMode:
     def finish(self) -> list[dict[str, Any]]:
         return []
 
+    def join(self, trainer: Trainer) -> None:
+        """Its members do not come and go (no ft): nothing to join."""
+
     def global_view(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # every rank holds the global model between rounds
 

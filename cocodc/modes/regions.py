@@ -1,21 +1,44 @@
 """The regions mode: data-parallel (ddp) or an outer sync (diloco, streaming, cocodc) over the WAN
-between regions, DDP inside each region."""
+between regions, DDP inside each region. With `ft.enabled`, the regions take part in each sync as
+torchft's quorum says (cocodc/ft.py), and a region that comes back heals from a peer."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from typing import Any
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cocodc.comm import CommEngine
+from cocodc.comm import CommEngine, CommError
 from cocodc.comm.wan import LinkModel
-from cocodc.config import Config
+from cocodc.config import Config, ConfigError
+from cocodc.modes.federated import FAULTS_ENV
 from cocodc.sync import OuterSync
-from cocodc.topology import Topology
+from cocodc.topology import RESTART_ENV, Topology
 from cocodc.trainer import Stateful, Trainer
+
+if TYPE_CHECKING:
+    from cocodc.ft import RegionQuorum
+
+
+def kill_step(text: str, region: int) -> int | None:
+    """The step after whose sends this region's first life ends by SIGKILL, from COCODC_FAULTS
+    "sigkill:<region>@<step>[,...]" (a drill of a region's machine dying mid-sync)."""
+    step = None
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, where = item.partition(":")
+        victim, _, at = where.partition("@")
+        if kind != "sigkill" or not victim.isdigit() or not at.isdigit():
+            raise ConfigError(f"{FAULTS_ENV}: {item!r} is not sigkill:<region>@<step>")
+        if int(victim) == region:
+            step = int(at)
+    return step
 
 
 def wan_engine(config: Config, topology: Topology) -> CommEngine:
@@ -31,6 +54,8 @@ def wan_engine(config: Config, topology: Topology) -> CommEngine:
         else [f"region {m}" for m in range(topology.regions)]
     )
     name = "world" if ddp else "inter-region"
+    if config.ft.enabled:  # over torchft's group, bound at the first quorum
+        return CommEngine(None, name=name, timeout_s=config.topology.timeout_s)
     w, link = config.wan, None
     if w.enabled and w.emulation == "model":
         link = LinkModel.build(
@@ -46,7 +71,19 @@ class RegionsMode:
         self.config, self.topology = config, topology
         self.method = config.sync.method
         self.wan = wan_engine(config, topology)
-        self.outer = OuterSync(model, config.sync, self.wan, intra=intra) if self.method != "ddp" else None
+        self.quorum: RegionQuorum | None = None
+        if config.ft.enabled:
+            from cocodc.ft import RegionQuorum  # torchft: only with ft
+
+            self.quorum = RegionQuorum(config, topology, self._heal_state, self._heal)
+        self.trainer: Trainer | None = None
+        self.changes: list[dict[str, Any]] = []  # membership changes this region saw (ft)
+        self.dropped = 0  # syncs this region dropped (ft)
+        self.outer = (
+            OuterSync(model, config.sync, self.wan, intra=intra, quorum=self.quorum) if self.method != "ddp" else None
+        )
+        first_life = int(os.environ.get(RESTART_ENV, 0)) == 0
+        self.kill_at = kill_step(os.environ.get(FAULTS_ENV, ""), topology.region) if first_life else None
         self.keeps_region_copies = self.outer is not None
         self.parts: dict[str, Stateful] = {"outer": self.outer} if self.outer is not None else {}
         self.train_model = model
@@ -65,6 +102,66 @@ class RegionsMode:
             raise FloatingPointError(f"training diverged at step {trainer.step} in region {region}: loss is {loss}")
         return loss, compute_s
 
+    def join(self, trainer: Trainer) -> None:
+        """ft: the first quorum. A fresh run waits for every region; a region torchrun restarted
+        joins the others where they are, healed from one of them."""
+        if self.quorum is None:
+            return
+        self.trainer = trainer
+        restarted = int(os.environ.get(RESTART_ENV, 0)) > 0
+        if restarted:
+            # Its old life must be out of the quorum before the new one asks: with both in the
+            # lighthouse's view, the others were seen to split into quorums of different steps.
+            time.sleep(self.config.ft.heartbeat_timeout_s)
+        healed = self.outer.join(at_least=1 if restarted else self.topology.regions)
+        trainer.metrics.records(self._seen(self.outer.pop_records()))
+        if not restarted:
+            # The start counts as a committed step, so a region restarted at any later point is
+            # behind every live one and heals, whenever it died.
+            self.quorum.commit(None)
+        elif not healed:
+            raise CommError(
+                f"region {self.topology.region} was restarted, but no live region was ahead of it to heal from "
+                "(the others have finished or failed); continue the run with --resume"
+            )
+
+    def _heal_state(self) -> dict[str, Any]:
+        """What a region healing from this one takes (asked on torchft's thread while this region
+        waits for the quorum; copied: torchft serves it while training goes on)."""
+        t = self.trainer
+        state = {
+            "step": t.step,
+            "outer": self.outer.state_dict(in_flight=False),
+            "optimizer": t.optimizer.state_dict(),
+            "totals": t.totals.state_dict(),
+        }
+        return copy.deepcopy(state)
+
+    def _heal(self, state: dict[str, Any]) -> None:
+        """Take a peer's state: its global copy, outer and schedule state, inner optimizer and step;
+        the live parameters start from the global copy, this region's shard where its step is."""
+        t = self.trainer
+        self.outer.load_state_dict(state["outer"])
+        self.outer.take_global()
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.totals.load_state_dict(state["totals"])
+        t.data.loader.skip(int(state["step"]) - t.step)
+        t.step = t.start_step = int(state["step"])
+
+    def _seen(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for record in records:
+            if record["kind"] == "membership":
+                self.changes.append({k: record[k] for k in ("step", "regions", "joined", "left", "healed")})
+                self.trainer.metrics.print(
+                    f"region {self.topology.region} at step {record['step']}: quorum of regions {record['regions']}"
+                    + (f", {record['left']} left" if record["left"] else "")
+                    + (f", {record['joined']} joined" if record["joined"] else "")
+                    + (f", dropped fragments {record['dropped']}" if record["dropped"] else "")
+                    + (" (healed from a peer)" if record["healed"] else "")
+                )
+            self.dropped += record["kind"] == "dropped"
+        return records
+
     def describe(self) -> str:
         t, c = self.topology, self.config
         return (
@@ -76,19 +173,37 @@ class RegionsMode:
         return self.topology.world_size * self.config.train.batch_size * self.config.train.seq_len
 
     def summary(self) -> dict[str, Any]:
-        return {"regions": self.topology.regions, "ranks_per_region": self.topology.ranks_per_region}
+        shape = {"regions": self.topology.regions, "ranks_per_region": self.topology.ranks_per_region}
+        if self.quorum is None:
+            return shape
+        at_end = self.outer.regions
+        return {
+            **shape,
+            "ft": {
+                "region": self.topology.region,
+                "regions_at_end": at_end,
+                "lost": [r for r in range(self.topology.regions) if r not in at_end],
+                "membership_changes": self.changes,
+                "dropped_syncs": self.dropped,
+            },
+        }
 
     def after_step(self) -> list[dict[str, Any]]:
         if self.outer is None:
             return []
         self.outer.step()
-        return self.outer.pop_records()
+        if self.outer.inner_step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self._seen(self.outer.pop_records())
 
     def finish(self) -> list[dict[str, Any]]:
         if self.outer is None:
             return []
         self.outer.finish()
-        return self.outer.pop_records()
+        records = self._seen(self.outer.pop_records())
+        if self.quorum is not None:
+            self.quorum.shutdown()
+        return records
 
     def global_view(self) -> contextlib.AbstractContextManager[None]:
         return self.outer.global_parameters() if self.outer is not None else contextlib.nullcontext()

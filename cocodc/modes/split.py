@@ -411,6 +411,9 @@ class SplitMode:
     def finish(self) -> list[dict[str, Any]]:
         return []
 
+    def join(self, trainer: Trainer) -> None:
+        """Its members do not come and go (no ft): nothing to join."""
+
     @contextlib.contextmanager
     def global_view(self) -> Iterator[None]:
         """The whole model on every rank: the workers' parts averaged by batch share, the server's part."""

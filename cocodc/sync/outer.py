@@ -17,10 +17,19 @@ the same numbers without a round trip of their own.
 A region whose pseudo-gradient is not finite sends it with weight 0: the mean is over the other
 regions, the sync record names the excluded ones, and the excluded region takes the new global
 copy of the fragment in place of its own.
+
+With a `quorum` (ft: cocodc/ft.py), the sends of a sync first ask torchft's Manager who takes part,
+and an apply happens only where the Manager says the sync committed. When the quorum's members
+change, every member drops the fragments it has in flight (their collectives ran over the old
+group, and a region that joins has none of them): their drift stays in the live parameters and
+travels with the fragment's next sync. A region that heals to join sends its first sync with
+weight 0 (its drift is nothing yet). A collective that fails (a peer died) is not applied; the
+next quorum leaves the dead region out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -32,7 +41,7 @@ import torch
 from torch import nn
 
 from cocodc import kernels
-from cocodc.comm import CommEngine, Handle
+from cocodc.comm import CommEngine, CommError, Handle
 from cocodc.comm.codec import get_codec
 from cocodc.config import SyncConfig
 from cocodc.sync.flat import FlatFragment
@@ -42,12 +51,15 @@ from cocodc.sync.schedule import AdaptiveSchedule, RoundRobinSchedule, Slot
 if TYPE_CHECKING:
     import torch.distributed as dist
 
+    from cocodc.ft import RegionQuorum
+
 
 @dataclass
 class _InFlight:
     slot: Slot
     handle: Handle
     done_s: float | None = None  # when the transfer was first seen complete, after its start
+    quorum_s: float = 0.0  # the time its sync spent forming the quorum (ft)
 
 
 class OuterSync:
@@ -59,6 +71,7 @@ class OuterSync:
         *,
         group: dist.ProcessGroup | None = None,
         intra: CommEngine | None = None,
+        quorum: RegionQuorum | None = None,
     ):
         if config.method not in ("diloco", "streaming", "cocodc"):
             raise ValueError(f"OuterSync runs diloco, streaming or cocodc, not {config.method!r}")
@@ -67,7 +80,11 @@ class OuterSync:
         else:
             self.fragments = split_modules(fragments)
         self.config = config
-        self.comm = comm if comm is not None else CommEngine(group)
+        self.quorum = quorum
+        self.comm = comm if comm is not None else CommEngine(group)  # with a quorum, rebound at every change
+        self.regions: list[int] = []  # with a quorum: the regions in it
+        self._members: list[tuple[int, int]] = []  # and (region, life) of each, as ft.Membership says
+        self._quorum_s = 0.0
         self.intra = intra
         self.codec = get_codec(config.quantize)
         count = len(self.fragments)
@@ -107,6 +124,7 @@ class OuterSync:
         self.outer_steps = 0
         self._in_flight: dict[int, _InFlight] = {}
         self._drained: set[tuple[int, int]] = set()  # slots that finish() applied before their apply step
+        self._dropped: set[tuple[int, int]] = set()  # slots whose sync was dropped (ft), until their apply step
         self._records: list[dict[str, Any]] = []
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -128,15 +146,83 @@ class OuterSync:
                 ahead = (self.inner_step - 1) // self.schedule.slot_len + 1 + self.schedule.lookahead
                 for index in range(1 if self.inner_step == 1 else ahead, ahead + 1):
                     self._decide(index)
-        for send in self.schedule.sends_at(self.inner_step):
-            self._send(send)
+        sends = self.schedule.sends_at(self.inner_step)
+        weight = self._start_quorum() if sends and self.quorum is not None else 1.0
+        self._sync(sends, weight)
+        if self.adaptive:
+            self._step_ended = time.perf_counter()
+
+    def _sync(self, sends: list[Slot], weight: float) -> None:
+        for send in sends:
+            self._send(send, weight)
         for apply in self.schedule.applies_at(self.inner_step):
             if apply.key in self._drained:
                 self._drained.discard(apply.key)  # a run continued past its end: finish() applied it
+            elif apply.key in self._dropped:
+                self._dropped.discard(apply.key)
             else:
                 self._apply(self._in_flight.pop(apply.fragment))
-        if self.adaptive:
-            self._step_ended = time.perf_counter()
+
+    def join(self, at_least: int) -> bool:
+        """ft: the first quorum (of `at_least` regions), before the first inner step or after a
+        resume; returns whether this region was healed, in which case it has taken a peer's state
+        at the peer's send step and makes that step's sends with the peer."""
+        weight = self._start_quorum(first=True, at_least=at_least)
+        if weight == 0.0:
+            self._sync(self.schedule.sends_at(self.inner_step), weight)
+        return weight == 0.0
+
+    def _start_quorum(self, first: bool = False, at_least: int = 1) -> float:
+        """Ask the quorum for the sync about to be sent; the weight of this region's sends (0 when
+        it was healed to join)."""
+        change = self.quorum.start(self.comm, at_least)
+        self._quorum_s = self.quorum.last_s
+        if change is None:
+            return 1.0
+        if change.healed and not first:
+            raise CommError(
+                f"region {self.quorum.topology.region} fell out of step with its peers (a sync they committed "
+                "failed here): restarting it to rejoin"
+            )
+        dropped = []
+        if not first:  # what a resumed region holds in flight, its resumed peers hold too
+            dropped = self._drop_in_flight("the quorum changed")
+        before, self.regions = self._members, change.regions
+        self._members = list(zip(change.regions, change.lives, strict=True))
+        self._records.append(
+            {
+                "kind": "membership",
+                "step": self.inner_step,
+                "regions": change.regions,
+                "joined": [r for r, life in self._members if (r, life) not in before] if before else [],
+                "left": [r for r, life in before if (r, life) not in self._members],
+                "healed": change.healed,
+                "dropped": dropped,
+                "quorum_s": change.quorum_s,
+            }
+        )
+        return 0.0 if change.healed else 1.0
+
+    def _drop_in_flight(self, reason: str) -> list[int]:
+        dropped = sorted(self._in_flight)
+        for p in dropped:
+            pending = self._in_flight.pop(p)
+            self._dropped.add(pending.slot.key)
+            with contextlib.suppress(CommError):  # let the backend finish with its buffers
+                pending.handle.wait()
+            self._record_dropped(pending, reason)
+        return dropped
+
+    def _record_dropped(self, pending: _InFlight, reason: str) -> None:
+        self._records.append(
+            {
+                "kind": "dropped",
+                "step": self.inner_step,
+                "fragment": pending.slot.fragment,
+                "send_step": pending.slot.send_step,
+                "reason": reason,
+            }
+        )
 
     def _observe(self) -> None:
         """The inner step's time (outside this object) and the transfers that completed."""
@@ -181,7 +267,7 @@ class OuterSync:
             self._drained.add(pending.slot.key)
         self._in_flight.clear()
 
-    def _send(self, slot: Slot) -> None:
+    def _send(self, slot: Slot, weight: float = 1.0) -> None:
         p = slot.fragment
         if p in self._in_flight:
             raise RuntimeError(f"fragment {p} is already in flight")
@@ -192,7 +278,8 @@ class OuterSync:
         # whole fragment, so every rank of the region takes the same decision.
         sending = self.flat if self.adaptive else [flat]
         drift = kernels.square_sums([(f.global_, f.live) for f in sending]).tolist()
-        weight = 1.0 if math.isfinite(drift[sending.index(flat)]) else 0.0
+        if not math.isfinite(drift[sending.index(flat)]):
+            weight = 0.0
         extras = []
         if self.adaptive:
             extras = [d / f.numel for d, f in zip(drift, self.flat, strict=True)] + [self.step_s, self.transfer_s]
@@ -211,15 +298,24 @@ class OuterSync:
                 flat.tail.copy_(torch.tensor(extras))
             # theta_g - theta_m, never written out: the engine encodes the difference.
             handle = self.comm.all_reduce_mean(flat.with_tail, codec, minus=flat.live, exact_tail=tail, weight=weight)
-        self._in_flight[p] = _InFlight(slot, handle)
+        self._in_flight[p] = _InFlight(slot, handle, quorum_s=self._quorum_s)
 
     def _apply(self, pending: _InFlight) -> None:
         p = pending.slot.fragment
         flat = self.flat[p]
         flat.check_bound()
-        mean = pending.handle.wait()
+        try:
+            mean = pending.handle.wait()
+            failure = None
+        except CommError as err:
+            if self.quorum is None:
+                raise
+            failure = err
+        if self.quorum is not None and not self.quorum.commit(failure):
+            self._record_dropped(pending, f"not committed: {failure}" if failure else "not committed")
+            return
         weights = pending.handle.weights
-        excluded = [m for m, w in enumerate(weights) if w == 0]
+        excluded = [self.regions[m] if self.quorum else m for m, w in enumerate(weights) if w == 0]
         if len(excluded) == len(weights):
             raise FloatingPointError(f"fragment {p}'s pseudo-gradient is not finite in any region")
         rows = mean.view(1, -1)
@@ -268,6 +364,7 @@ class OuterSync:
                 "modelled_s": handle.modelled_s,
                 "blocked_s": handle.blocked_s,
                 "excluded": excluded,
+                **({"regions": self.regions, "quorum_s": pending.quorum_s} if self.quorum is not None else {}),
                 **({"w_mean": w_mean, "w_capped": w_capped} if merge == "compensate" else {}),
             }
         )
@@ -277,6 +374,12 @@ class OuterSync:
         the adaptive schedule planned."""
         records, self._records = self._records, []
         return records
+
+    def take_global(self) -> None:
+        """The live parameters become the global copy (a region healed from a peer starts there)."""
+        with torch.no_grad():
+            for f in self.flat:
+                f.live.copy_(f.global_)
 
     @contextmanager
     def global_parameters(self) -> Iterator[None]:
@@ -291,8 +394,11 @@ class OuterSync:
                 for f, s in zip(self.flat, saved, strict=True):
                     f.live.copy_(s)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly; fragments in flight are waited for and stored."""
+    def state_dict(self, in_flight: bool = True) -> dict[str, Any]:
+        """Everything needed to continue exactly; fragments in flight are waited for and stored.
+        Without `in_flight` (the state a peer heals from: every member drops what is in flight when
+        the quorum changes), they are stored as dropped."""
+        dropped = set(self._dropped) | (set() if in_flight else {x.slot.key for x in self._in_flight.values()})
         return {
             "inner_step": self.inner_step,
             "outer_steps": self.outer_steps,
@@ -306,8 +412,9 @@ class OuterSync:
                     "weights": pending.handle.weights,
                     "sent": self.flat[p].sent.clone() if self.compensate else None,
                 }
-                for p, pending in self._in_flight.items()
+                for p, pending in (self._in_flight.items() if in_flight else ())
             ],
+            "dropped": [list(key) for key in sorted(dropped)],
             "drained": [list(key) for key in sorted(self._drained)],
             "normalisers": [f.normaliser.clone() for f in self.flat] if self.running_normaliser else None,
             "last_applied": list(self.last_applied),
@@ -341,6 +448,7 @@ class OuterSync:
                 self.flat[slot.fragment].sent.copy_(entry["sent"])
             self._in_flight[slot.fragment] = _InFlight(slot, handle)
         self._drained = {(int(index), int(part)) for index, part in state["drained"]}
+        self._dropped = {(int(index), int(part)) for index, part in state["dropped"]}
         if self.running_normaliser:
             for f, saved in zip(self.flat, state["normalisers"], strict=True):
                 f.normaliser.copy_(saved)

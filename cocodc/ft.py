@@ -1,0 +1,149 @@
+"""Regions that fail and come back: torchft decides, at every fragment sync, which regions take part
+(DESIGN section 10).
+
+Each region is a torchft replica group (its ranks are the group's ranks) with one `Manager` per
+rank. A lighthouse forms a quorum of the regions that ask for one; the sends of a fragment sync ask
+(`start`), and when the quorum's members changed the inter-region group is rebuilt (torchft's gloo
+group, reconfigured) and the comm engine is built anew over it: codecs, link model and byte counts
+as on any other group. A region behind the others (restarted after a failure) is healed inside
+`start`: torchft fetches a live peer's state over HTTP and hands it to `load`. The apply of a
+fragment asks `commit`: whether every rank of this region saw its collective through.
+
+A dead region is out of the next quorum once its heartbeat has been silent for
+`ft.heartbeat_timeout_s` (the lighthouse's bound); a quorum waits at most `ft.quorum_timeout_s`
+(long: a peer may be in a long outer step, or restarting).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from cocodc.comm import CommEngine, CommError
+from cocodc.comm.wan import LinkModel
+from cocodc.config import Config
+from cocodc.topology import RESTART_ENV, Topology
+
+LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own: the lighthouse's address
+
+
+@dataclass
+class Membership:
+    """A quorum whose members changed: the regions in it (in group rank order), the life of each
+    (how often torchrun had restarted its job: a region restarted before its old life was declared
+    dead comes back as the same region), whether this region was healed to join it, and how long
+    the quorum took."""
+
+    regions: list[int]
+    lives: list[int]
+    healed: bool
+    quorum_s: float
+
+
+class RegionQuorum:
+    """torchft's Manager for this rank of a region, with `save` / `load` as the state a healing
+    peer takes from this region and this region takes from a peer."""
+
+    def __init__(
+        self,
+        config: Config,
+        topology: Topology,
+        save: Callable[[], dict[str, Any]],
+        load: Callable[[dict[str, Any]], None],
+    ):
+        os.environ.setdefault("RUST_LOG", "warn")  # torchft's quorum and commit logs: a line per sync each
+        from torchft import Manager  # imported only with ft: it starts threads and servers
+        from torchft.process_group import ProcessGroupGloo
+
+        logging.getLogger("torchft").setLevel(logging.ERROR)
+
+        f, timeout = config.ft, timedelta(seconds=config.topology.timeout_s)
+        self.config, self.topology = config, topology
+        self.group = ProcessGroupGloo(timeout=timeout)
+        self._load = load
+        self.healed = False
+        self.manager = Manager(
+            pg=self.group,
+            load_state_dict=self._heal,
+            state_dict=save,
+            min_replica_size=f.min_regions,
+            use_async_quorum=False,  # a healing region takes the state before the sync's sends
+            timeout=timeout,
+            quorum_timeout=timedelta(seconds=f.quorum_timeout_s),
+            rank=topology.local_index,
+            world_size=topology.ranks_per_region,
+            replica_id=f"region{topology.region}",
+            lighthouse_addr=f.lighthouse or os.environ.get(LIGHTHOUSE_ENV),
+            init_sync=False,  # every region starts from the same seeded model
+        )
+        self._parent: Any = None
+        self.last_s = 0.0  # how long the last quorum took
+
+    def _heal(self, state: dict[str, Any]) -> None:
+        self.healed = True
+        self._load(state)
+
+    def start(self, engine: CommEngine, at_least: int = 1) -> Membership | None:
+        """The quorum for the sync about to be sent, asked again until it holds `at_least` regions;
+        when its members changed, `engine` runs over the rebuilt group from now on and the change
+        is returned."""
+        began = time.perf_counter()
+        self.healed = False
+        while True:
+            self.manager.start_quorum()
+            if (failure := self.manager.errored()) is not None:
+                raise CommError(
+                    f"region {self.topology.region} could not join the quorum: {failure.original_exception}"
+                )
+            # Asked again at once: the lighthouse admits newcomers to a quorum only together with
+            # every member of the last one, so the regions that are up must keep asking together.
+            if self.manager.num_participants() >= at_least:
+                break
+            if time.perf_counter() - began > self.config.ft.quorum_timeout_s:
+                raise CommError(
+                    f"only {self.manager.num_participants()} of {at_least} regions joined within "
+                    f"ft.quorum_timeout_s ({self.config.ft.quorum_timeout_s:g} s)"
+                )
+        self.last_s = time.perf_counter() - began
+        parent = self.group.parent
+        if parent is self._parent:
+            return None
+        self._parent = parent
+        # The members' regions and lives, asked of the members (torchft's group knows only their
+        # order) over a plain engine: the exchange is not WAN traffic of the run's.
+        mine = torch.tensor([float(self.topology.region), float(os.environ.get(RESTART_ENV, 0))])
+        asked = CommEngine(parent, name="inter-region", timeout_s=self.config.topology.timeout_s)
+        members = asked.all_gather(mine).wait().view(-1, 2).long().tolist()
+        regions, lives = [m[0] for m in members], [m[1] for m in members]
+        engine.rebind(parent, self._link(regions), members=[f"region {r}" for r in regions])
+        return Membership(regions, lives, self.healed, time.perf_counter() - began)
+
+    def _link(self, regions: list[int]) -> LinkModel | None:
+        w = self.config.wan
+        if not w.enabled:
+            return None
+        link = LinkModel.build(
+            self.topology.regions,
+            w.latency_ms,
+            w.bandwidth_mbps,
+            w.jitter_ms,
+            seed=self.config.seed + self.topology.rank,
+        )
+        return link.for_ranks(regions)
+
+    def commit(self, failure: CommError | None) -> bool:
+        """Whether the fragment applies: its collective (`failure` if it failed here) went through
+        on every rank of this region, and the quorum had at least ft.min_regions regions."""
+        if failure is not None:
+            self.manager.report_error(failure)
+        return self.manager.should_commit()
+
+    def shutdown(self) -> None:
+        self.manager.shutdown(wait=False)

@@ -1,0 +1,105 @@
+"""Regions that fail and come back (ft.enabled): the real launcher, torchft's real lighthouse and
+managers, one torchrun job per region, and a region's worker killed by a real SIGKILL right after
+it sent a fragment (COCODC_FAULTS sigkill:<region>@<step>, on its first life only)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cocodc.metrics import read_records
+from cocodc.sync.schedule import RoundRobinSchedule
+
+from conftest import FAST, TINY, cocodc, overrides
+
+pytest.importorskip("torchft")
+
+# 3 regions of Streaming DiLoCo: 2 fragments, one sent every 4 steps and applied 2 steps later.
+SHAPE = [
+    *FAST,
+    "topology.regions=3",
+    "sync.method=streaming",
+    "sync.fragments=2",
+    "sync.sync_every=8",
+    "sync.delay=2",
+    "topology.timeout_s=30",
+    "checkpoint.every=0",
+]
+KILL_AT = 14  # a send step: the fragment it sent is in flight when the region dies
+assert RoundRobinSchedule(8, 2, 2).sends_at(KILL_AT)
+
+
+def train(root: Path, name: str, *settings: str, faults: str = "") -> tuple[str, dict]:
+    result = cocodc(
+        "train",
+        "-c",
+        TINY,
+        *overrides(*SHAPE, f"run.dir={root}", f"run.name={name}", *settings),
+        cwd=root.parent,
+        timeout=240,
+        env={"COCODC_FAULTS": faults} if faults else None,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr, json.loads((root / name / "summary.json").read_text())
+
+
+def global_copies(run: Path, region: int | None = None) -> list[torch.Tensor]:
+    root = run / "checkpoints" / (f"region{region}" if region is not None else "")
+    (saved,) = root.glob("step_*/rank0.pt" if region is None else "step_*/*.pt")
+    return torch.load(saved, weights_only=False)["outer"]["global_params"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, list[float]]:
+    """Runs of the default (non-ft) mode, seeds 0-2, and their final eval losses: the seed spread."""
+    root = tmp_path_factory.mktemp("ft") / "runs"
+    losses = [train(root, f"seed{seed}", "train.steps=200", f"seed={seed}")[1]["final_eval_loss"] for seed in range(3)]
+    return root / "seed0", losses
+
+
+def test_ft_without_failures_matches_the_default_mode(run_root, uninterrupted):
+    reference, losses = uninterrupted
+    _, summary = train(run_root, "ft", "train.steps=200", "ft.enabled=true")
+    assert all(
+        torch.equal(a, b) for a, b in zip(global_copies(run_root / "ft", 0), global_copies(reference), strict=True)
+    )
+    # Each region evaluates every batch, where the default mode deals them over the 3 ranks: the
+    # float64 sums differ in their order only.
+    assert summary["final_eval_loss"] == pytest.approx(losses[0], rel=1e-12)
+    assert summary["ft"]["lost"] == [] and summary["ft"]["dropped_syncs"] == 0
+
+
+def test_a_killed_region_restarts_heals_and_rejoins(run_root, uninterrupted):
+    losses = uninterrupted[1]
+    # A 150 ms link slows the syncs so that the run outlasts region 1's restart.
+    output, summary = train(
+        run_root, "killed", "train.steps=200", "ft.enabled=true", "wan.latency_ms=150", faults=f"sigkill:1@{KILL_AT}"
+    )
+    run = run_root / "killed"
+    every_region = read_records(run / "metrics.jsonl")
+    for region in (0, 2):
+        # The survivors: region 1 left (its old life: a new one may be up by then), the fragment it
+        # had in flight was dropped, and region 1 was back by the end.
+        records = [r for r in every_region if r.get("region") == region]
+        changes = [r for r in records if r["kind"] == "membership"]
+        assert changes[0]["regions"] == [0, 1, 2] and changes[-1]["regions"] == [0, 1, 2]
+        assert any(1 in c["left"] for c in changes) and all(c["step"] > KILL_AT for c in changes[1:])
+        assert KILL_AT in [d["send_step"] for d in records if d["kind"] == "dropped"]
+    healed = [r for r in every_region if r.get("region") == 1 and r["kind"] == "membership" and r["healed"]]
+    assert healed and healed[0]["step"] > KILL_AT
+    assert "(healed from a peer)" in output
+    copies = [global_copies(run, region) for region in range(3)]
+    assert all(torch.equal(a, b) for other in copies[1:] for a, b in zip(copies[0], other, strict=True))
+    spread = max(losses) - min(losses)
+    assert abs(summary["final_eval_loss"] - losses[0]) <= spread, (summary["final_eval_loss"], losses)
+
+
+def test_a_region_lost_for_good_is_named_and_the_others_finish(run_root):
+    output, summary = train(
+        run_root, "lost", "train.steps=60", "ft.enabled=true", "ft.max_restarts=0", faults=f"sigkill:2@{KILL_AT}"
+    )
+    assert summary["ft"]["lost"] == [2] and summary["ft"]["regions_at_end"] == [0, 1]
+    assert "regions [2] failed for good; the others finished the run without them" in output
+    assert json.loads((run_root / "lost" / "summary-region1.json").read_text())["ft"]["lost"] == [2]
+    assert not (run_root / "lost" / "summary-region2.json").exists()
