@@ -549,6 +549,8 @@ def _validate_ft(config: Config) -> None:
         )
     if config.wan.enabled and config.wan.emulation == "netem":
         raise ConfigError("ft.enabled runs over the link model (wan.emulation model), not netem yet")
+    if importlib.util.find_spec("torchft") is None:
+        raise ConfigError("ft.enabled needs torchft: pip install 'cocodc[ft]'")
     if not 1 <= f.min_regions <= config.topology.regions:
         raise ConfigError(f"config key 'ft.min_regions' must be 1 .. topology.regions; got {f.min_regions}")
     for key in ("heartbeat_timeout_s", "quorum_timeout_s"):

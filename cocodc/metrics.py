@@ -58,12 +58,15 @@ def _duration(seconds: float) -> str:
 class Console:
     """A progress bar on a terminal; a plain line every tenth of the run anywhere else."""
 
-    def __init__(self, total_steps: int, start_step: int, unit: str = "step"):
+    def __init__(self, total_steps: int, start_step: int, unit: str = "step", tag: str = ""):
         self.total, self.start, self.unit = total_steps, start_step, unit
+        self.tag = f"{tag} | " if tag else ""  # whose lines, where several jobs share a terminal
         self.every = max(1, total_steps // 10)
         self.started = time.perf_counter()
         self.bar = (
-            tqdm(total=total_steps, initial=start_step, unit=unit, dynamic_ncols=True, file=sys.stderr)
+            tqdm(
+                total=total_steps, initial=start_step, unit=unit, desc=tag or None, dynamic_ncols=True, file=sys.stderr
+            )
             if sys.stderr.isatty()
             else None
         )
@@ -80,9 +83,9 @@ class Console:
 
     def print(self, line: str) -> None:
         if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
+            self.bar.write(self.tag + line, file=sys.stderr)
         else:
-            print(line, file=sys.stderr, flush=True)
+            print(self.tag + line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -97,7 +100,8 @@ class Metrics:
         self.jsonl = open(self.path(self.run_dir, self.region), "a") if leads else None  # noqa: SIM115
         # The loop's step: an inner step, or a federated round (the x axis on the dashboard too).
         self.unit, self.axis = ("round", "round") if config.mode == "federated" else ("step", "inner_step")
-        self.console = Console(config.steps, start_step, self.unit) if self.is_leader else None
+        tag = f"region {self.region}" if config.ft.enabled else ""  # with ft, every region's job reports
+        self.console = Console(config.steps, start_step, self.unit, tag) if self.is_leader else None
         self.wandb = _start_wandb(config, self.region) if leads and config.wandb.mode != "disabled" else None
 
     @staticmethod
@@ -170,6 +174,8 @@ class Metrics:
                 self._split(record)
             if record["kind"] == "batch_sizes":
                 self.print(f"step {record['step']:>6} | batch regulation: worker batch sizes {record['sizes']}")
+            if record["kind"] in ("membership", "dropped"):
+                self._membership(record)
             if record["kind"] != "sync":
                 continue
             if record["excluded"]:
@@ -189,6 +195,36 @@ class Metrics:
                         **{f"sync/{k}": v for k, v in values.items() if k not in ("kind", "outer_step", "step")},
                     }
                 )
+
+    def _membership(self, record: dict[str, Any]) -> None:
+        """ft: a quorum whose members changed, or a sync dropped; a console line and the dashboard."""
+        step = record["step"]
+        if record["kind"] == "dropped":
+            self.print(
+                f"sync  step {step:>6} | fragment {record['fragment']} sent at step {record['send_step']} "
+                f"was dropped: {record['reason']}"
+            )
+            if self.wandb is not None:
+                self.wandb.log({self.axis: step, "ft/dropped_fragment": record["fragment"]})
+            return
+        self.print(
+            f"ft    step {step:>6} | region {self.region}: quorum of regions {record['regions']}"
+            + (f", {record['left']} left" if record["left"] else "")
+            + (f", {record['joined']} joined" if record["joined"] else "")
+            + (f", in-flight fragments {record['dropped']} dropped" if record["dropped"] else "")
+            + (" (healed from a peer)" if record["healed"] else "")
+            + f" | quorum {record['quorum_s']:.2f}s"
+        )
+        if self.wandb is not None:
+            self.wandb.log(
+                {
+                    self.axis: step,
+                    "ft/regions": len(record["regions"]),
+                    "ft/left": len(record["left"]),
+                    "ft/joined": len(record["joined"]),
+                    "ft/quorum_s": record["quorum_s"],
+                }
+            )
 
     def _round(self, record: dict[str, Any]) -> None:
         """A federated round's record: a console line for every client left out, counts to wandb."""

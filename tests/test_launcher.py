@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import FAST, TINY, overrides
 
 
@@ -16,10 +18,17 @@ def workers(run_root) -> set[int]:
     return {int(pid) for pid in listing.split()}
 
 
-def test_workers_end_when_torchrun_is_killed(tmp_path, run_root):
+@pytest.mark.parametrize(
+    "settings, processes",
+    [([], 2), (["ft.enabled=true"], 4)],  # torchrun's workers; with ft, each region's torchrun and worker
+    ids=["one job", "ft: a job per region"],
+)
+def test_workers_end_when_torchrun_is_killed(tmp_path, run_root, settings, processes):
     # torchrun starts its workers in sessions of their own and sets them no death signal: killed
     # outright, it would leave them training. The launcher's workers carry one.
-    args = overrides(*FAST, "train.steps=100000", "eval.every=0", "checkpoint.every=0", f"run.dir={run_root}")
+    args = overrides(
+        *FAST, "train.steps=100000", "eval.every=0", "checkpoint.every=0", f"run.dir={run_root}", *settings
+    )
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     err = tmp_path / "stderr"
     with open(err, "w") as stderr:
@@ -33,7 +42,7 @@ def test_workers_end_when_torchrun_is_killed(tmp_path, run_root):
             assert launcher.poll() is None, err.read_text()[-3000:]
             assert time.monotonic() < deadline, "no training within 180 s"
             time.sleep(0.2)
-        assert len(workers(run_root) - {launcher.pid}) == 2
+        assert len(workers(run_root) - {launcher.pid}) == processes
         launcher.kill()
         launcher.wait()
         deadline = time.monotonic() + 60

@@ -149,16 +149,10 @@ class RegionsMode:
         t.step = t.start_step = int(state["step"])
 
     def _seen(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Count what the summary reports of membership (ft)."""
         for record in records:
             if record["kind"] == "membership":
                 self.changes.append({k: record[k] for k in ("step", "regions", "joined", "left", "healed")})
-                self.trainer.metrics.print(
-                    f"region {self.topology.region} at step {record['step']}: quorum of regions {record['regions']}"
-                    + (f", {record['left']} left" if record["left"] else "")
-                    + (f", {record['joined']} joined" if record["joined"] else "")
-                    + (f", dropped fragments {record['dropped']}" if record["dropped"] else "")
-                    + (" (healed from a peer)" if record["healed"] else "")
-                )
             self.dropped += record["kind"] == "dropped"
         return records
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# ft.enabled on several nodes: one torchrun job per region, each restarted by its torchrun.
+# The lighthouse runs once, on a host every region reaches (ft.heartbeat_timeout_s is its flag here):
+#   torchft_lighthouse --min_replicas 1 --heartbeat_timeout_ms 5000 --bind [::]:29510
+# then, on region r's node (NPROC = topology.ranks_per_region):
+#   REGION=r LIGHTHOUSE=http://lighthouse-host:29510 NPROC=8 launch/ft-region.sh configs/gpu-150m.yaml [--set k=v ...]
+# run.dir must be on a filesystem every node sees (metrics, summaries, each region's checkpoints).
+set -euo pipefail
+config=$1
+shift
+export COCODC_REGION="${REGION:?set REGION}" TORCHFT_LIGHTHOUSE="${LIGHTHOUSE:?set LIGHTHOUSE}"
+# The rendezvous on this node's routable name: the other regions reach this region's store (and
+# torchft's group through it) at the MASTER_ADDR torchrun derives from it.
+exec torchrun --nnodes 1 --nproc-per-node "${NPROC:?set NPROC}" --max-restarts "${MAX_RESTARTS:-3}" \
+    --rdzv-backend c10d --rdzv-endpoint "$(hostname -f):${PORT:-29400}" --rdzv-id "region${REGION}" \
+    -m cocodc.train -c "$config" --set ft.enabled=true "$@"
