@@ -199,7 +199,10 @@ def train_regions(config: Config, args: list[str], overwrite: bool) -> int:
         from torchft.coordination import LighthouseServer
 
         lighthouse = LighthouseServer(
-            bind="[::]:0", min_replicas=f.min_regions, heartbeat_timeout_ms=round(f.heartbeat_timeout_s * 1000)
+            bind="[::]:0",
+            min_replicas=f.min_regions,
+            heartbeat_timeout_ms=round(f.heartbeat_timeout_s * 1000),
+            join_timeout_ms=round(f.join_timeout_s * 1000),
         )
         env[LIGHTHOUSE_ENV] = lighthouse.address()
         print(f"cocodc: torchft lighthouse at {lighthouse.address()}: {regions} regions", flush=True)

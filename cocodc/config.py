@@ -159,6 +159,9 @@ class FtConfig:
     # A region whose heartbeat is silent this long is out of the next quorum: the bound on how long
     # the others wait for a dead region.
     heartbeat_timeout_s: float = 5.0
+    # A region that is up again (heartbeating) but not yet asking is waited for this long by the
+    # others' next quorum: long enough for a restart's setup, short enough not to stall them.
+    join_timeout_s: float = 60.0
     quorum_timeout_s: float = 600.0  # the longest wait for a quorum (a peer's long outer step, a restart)
     max_restarts: int = 3  # torchrun restarts of a region's job that failed
 
@@ -553,7 +556,7 @@ def _validate_ft(config: Config) -> None:
         raise ConfigError("ft.enabled needs torchft: pip install 'cocodc[ft]'")
     if not 1 <= f.min_regions <= config.topology.regions:
         raise ConfigError(f"config key 'ft.min_regions' must be 1 .. topology.regions; got {f.min_regions}")
-    for key in ("heartbeat_timeout_s", "quorum_timeout_s"):
+    for key in ("heartbeat_timeout_s", "join_timeout_s", "quorum_timeout_s"):
         if getattr(f, key) <= 0:
             raise ConfigError(f"config key 'ft.{key}' must be positive; got {getattr(f, key)}")
     if f.max_restarts < 0:

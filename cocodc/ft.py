@@ -25,6 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from cocodc.comm import CommEngine, CommError
 from cocodc.comm.wan import LinkModel
@@ -69,6 +70,7 @@ class RegionQuorum:
         self.group = ProcessGroupGloo(timeout=timeout)
         self._load = load
         self.healed = False
+        host, port = self._own_store(topology)
         self.manager = Manager(
             pg=self.group,
             load_state_dict=self._heal,
@@ -82,9 +84,23 @@ class RegionQuorum:
             replica_id=f"region{topology.region}",
             lighthouse_addr=f.lighthouse or os.environ.get(LIGHTHOUSE_ENV),
             init_sync=False,  # every region starts from the same seeded model
+            store_addr=host,
+            store_port=port,
         )
         self._parent: Any = None
         self.last_s = 0.0  # how long the last quorum took
+
+    def _own_store(self, topology: Topology) -> tuple[str, int]:
+        """A store of this life of the region's job, for torchft's Manager (its ranks find their
+        rank 0's server there) and for the groups of the quorums this region leads. torchrun's own
+        store outlives a restart, and what a dead life left in it would answer the new one."""
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        port = [0]
+        if topology.local_index == 0:
+            self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            port = [self._store.port]
+        dist.broadcast_object_list(port, src=0, group=topology.setup_group)
+        return host, port[0]
 
     def _heal(self, state: dict[str, Any]) -> None:
         self.healed = True

@@ -149,12 +149,22 @@ def _join_job(config: Config) -> torch.device:
         )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain `python -m cocodc.train`: a job of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
-            os.environ.setdefault("RANK", "0")
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    if dist.is_initialized():
+        return device
+    if "MASTER_ADDR" not in os.environ:  # a plain `python -m cocodc.train`: a job of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", "0")
+    setup = timedelta(minutes=10)
+    if config.ft.enabled and RESTART_ENV in os.environ:
+        # torchrun's store outlives a restart of the job, and the addresses the ranks of a dead life
+        # left in it would answer the new one's: each life rendezvouses under its own prefix.
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=setup)
+        store = dist.PrefixStore(f"cocodc/life{os.environ[RESTART_ENV]}", agent)
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=setup)
+    else:
+        dist.init_process_group(backend, timeout=setup)
     return device
 
 

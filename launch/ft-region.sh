@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ft.enabled on several nodes: one torchrun job per region, each restarted by its torchrun.
-# The lighthouse runs once, on a host every region reaches (ft.heartbeat_timeout_s is its flag here):
-#   torchft_lighthouse --min_replicas 1 --heartbeat_timeout_ms 5000 --bind [::]:29510
+# The lighthouse runs once, on a host every region reaches (ft.min_regions, ft.heartbeat_timeout_s
+# and ft.join_timeout_s are its flags here):
+#   torchft_lighthouse --min_replicas 1 --heartbeat_timeout_ms 5000 --join_timeout_ms 60000 --bind [::]:29510
 # then, on region r's node (NPROC = topology.ranks_per_region):
 #   REGION=r LIGHTHOUSE=http://lighthouse-host:29510 NPROC=8 launch/ft-region.sh configs/gpu-150m.yaml [--set k=v ...]
 # run.dir must be on a filesystem every node sees (metrics, summaries, each region's checkpoints).

@@ -103,3 +103,25 @@ def test_a_region_lost_for_good_is_named_and_the_others_finish(run_root):
     assert "regions [2] failed for good; the others finished the run without them" in output
     assert json.loads((run_root / "lost" / "summary-region1.json").read_text())["ft"]["lost"] == [2]
     assert not (run_root / "lost" / "summary-region2.json").exists()
+
+
+def test_a_region_of_two_ranks_heals_as_one(run_root):
+    # Both ranks of region 1 die (its machine), torchrun restarts them together, and they heal
+    # together: rank i from rank i of region 0.
+    _, summary = train(
+        run_root,
+        "two-ranks",
+        "topology.regions=2",
+        "topology.ranks_per_region=2",
+        "train.steps=120",
+        "ft.enabled=true",
+        "wan.latency_ms=300",
+        faults=f"sigkill:1@{KILL_AT}",
+    )
+    run = run_root / "two-ranks"
+    healed = [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "membership" and r["healed"]]
+    assert [r["region"] for r in healed] == [1] and summary["ft"]["lost"] == []
+    ranks = [sorted((run / "checkpoints" / f"region{region}").glob("step_*/rank*.pt")) for region in (0, 1)]
+    copies = [torch.load(path, weights_only=False)["outer"]["global_params"] for paths in ranks for path in paths]
+    assert len(copies) == 4
+    assert all(torch.equal(a, b) for other in copies[1:] for a, b in zip(copies[0], other, strict=True))
