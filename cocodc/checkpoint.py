@@ -123,7 +123,9 @@ def latest_step(root: Path) -> int:
     return step
 
 
-def check_compatible(root: Path, step: int, config: Config, world_size: int) -> None:
+def check_compatible(root: Path, step: int, config: Config, ranks: range) -> None:
+    """That the checkpoint at `step` was written by a config this one can resume, with a whole file
+    for every rank in `ranks` (all of them; with ft, one region's)."""
     directory = step_dir(root, step)
     try:
         saved = json.loads((directory / "meta.json").read_text())["config"]
@@ -136,10 +138,10 @@ def check_compatible(root: Path, step: int, config: Config, world_size: int) -> 
                 f"checkpoint {directory} was written with {key}={saved.get(key)!r}; "
                 f"the config says {current.get(key)!r}"
             )
-    missing = [r for r in range(world_size) if not (directory / f"rank{r}.pt").is_file()]
+    missing = [r for r in ranks if not (directory / f"rank{r}.pt").is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} lacks the files of ranks {missing}")
-    for rank in range(world_size):
+    for rank in ranks:
         load_rank(root, step, rank, mmap=True)  # maps the file: finds truncation without reading it all
 
 

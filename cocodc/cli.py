@@ -68,7 +68,8 @@ def train_command(args: list[str]) -> int:
         if options.resume:  # with ft, every region resumes its own
             for region in range(config.topology.regions if config.ft.enabled else 1):
                 root = trainer.checkpoint_root(config, region)
-                checkpoint.check_compatible(root, checkpoint.latest_step(root), config, world_size)
+                ranks = trainer.checkpoint_ranks(config, region)
+                checkpoint.check_compatible(root, checkpoint.latest_step(root), config, ranks)
         over_netem = config.wan.enabled and config.wan.emulation == "netem"
         if over_netem:
             netem.check_host()
@@ -198,12 +199,16 @@ def train_regions(config: Config, args: list[str], overwrite: bool) -> int:
     if not f.lighthouse:
         from torchft.coordination import LighthouseServer
 
-        lighthouse = LighthouseServer(
-            bind="[::]:0",
-            min_replicas=f.min_regions,
-            heartbeat_timeout_ms=round(f.heartbeat_timeout_s * 1000),
-            join_timeout_ms=round(f.join_timeout_s * 1000),
-        )
+        try:
+            lighthouse = LighthouseServer(
+                bind="[::]:0",
+                min_replicas=f.min_regions,
+                heartbeat_timeout_ms=round(f.heartbeat_timeout_s * 1000),
+                join_timeout_ms=round(f.join_timeout_s * 1000),
+            )
+        except RuntimeError as err:
+            print(f"cocodc: error: torchft's lighthouse did not start: {err}", file=sys.stderr)
+            return 2
         env[LIGHTHOUSE_ENV] = lighthouse.address()
         print(f"cocodc: torchft lighthouse at {lighthouse.address()}: {regions} regions", flush=True)
     job = [*_torchrun(), "--standalone", f"--nproc-per-node={per_region}", f"--max-restarts={f.max_restarts}"]

@@ -39,18 +39,31 @@ LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own: the lighthouse's address
 class Membership:
     """A quorum whose members changed: the regions in it (in group rank order), the life of each
     (how often torchrun had restarted its job: a region restarted before its old life was declared
-    dead comes back as the same region), whether this region was healed to join it, and how long
-    the quorum took."""
+    dead comes back as the same region), the rebuilt group and the link model over its members,
+    whether this region was healed to join it, and how long the quorum took."""
 
     regions: list[int]
     lives: list[int]
+    group: Any
+    link: LinkModel | None
     healed: bool
     quorum_s: float
 
 
+def torchft_call(what: str, call: Callable[[], Any]) -> Any:
+    """`call()`, with torchft's failures (a lighthouse out of reach, a quorum or commit that timed
+    out) as one-line CommErrors."""
+    try:
+        return call()
+    except (RuntimeError, TimeoutError, OSError) as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise CommError(f"torchft: {what} failed: {lines[0][:200]}") from None
+
+
 class RegionQuorum:
     """torchft's Manager for this rank of a region, with `save` / `load` as the state a healing
-    peer takes from this region and this region takes from a peer."""
+    peer takes from this region and this region takes from a peer. Its own state (the count of
+    committed syncs, by which torchft tells who is behind) is saved with the region's checkpoint."""
 
     def __init__(
         self,
@@ -71,21 +84,24 @@ class RegionQuorum:
         self._load = load
         self.healed = False
         host, port = self._own_store(topology)
-        self.manager = Manager(
-            pg=self.group,
-            load_state_dict=self._heal,
-            state_dict=save,
-            min_replica_size=f.min_regions,
-            use_async_quorum=False,  # a healing region takes the state before the sync's sends
-            timeout=timeout,
-            quorum_timeout=timedelta(seconds=f.quorum_timeout_s),
-            rank=topology.local_index,
-            world_size=topology.ranks_per_region,
-            replica_id=f"region{topology.region}",
-            lighthouse_addr=f.lighthouse or os.environ.get(LIGHTHOUSE_ENV),
-            init_sync=False,  # every region starts from the same seeded model
-            store_addr=host,
-            store_port=port,
+        self.manager = torchft_call(
+            "starting the manager",
+            lambda: Manager(
+                pg=self.group,
+                load_state_dict=self._heal,
+                state_dict=save,
+                min_replica_size=f.min_regions,
+                use_async_quorum=False,  # a healing region takes the state before the sync's sends
+                timeout=timeout,
+                quorum_timeout=timedelta(seconds=f.quorum_timeout_s),
+                rank=topology.local_index,
+                world_size=topology.ranks_per_region,
+                replica_id=f"region{topology.region}",
+                lighthouse_addr=f.lighthouse or os.environ.get(LIGHTHOUSE_ENV),
+                init_sync=False,  # every region starts from the same seeded model
+                store_addr=host,
+                store_port=port,
+            ),
         )
         self._parent: Any = None
         self.last_s = 0.0  # how long the last quorum took
@@ -106,14 +122,20 @@ class RegionQuorum:
         self.healed = True
         self._load(state)
 
-    def start(self, engine: CommEngine, at_least: int = 1) -> Membership | None:
-        """The quorum for the sync about to be sent, asked again until it holds `at_least` regions;
-        when its members changed, `engine` runs over the rebuilt group from now on and the change
-        is returned."""
+    @property
+    def committed(self) -> int:
+        """Syncs this region has committed (a restarted region: as many as the peer it healed from)."""
+        return self.manager.current_step()
+
+    def start(self, step: Callable[[], int], at_least: int = 1, first: bool = False) -> Membership | None:
+        """The quorum for the sync about to be sent at `step()` (asked after a heal may have moved
+        it), asked again until it holds `at_least` regions; the change when its members changed.
+        Only a region's `first` quorum may heal it: one healed later fell behind peers that went on
+        with state it lacks, so it ends (and torchrun's restart rejoins it)."""
         began = time.perf_counter()
         self.healed = False
         while True:
-            self.manager.start_quorum()
+            torchft_call("the quorum", self.manager.start_quorum)
             if (failure := self.manager.errored()) is not None:
                 raise CommError(
                     f"region {self.topology.region} could not join the quorum: {failure.original_exception}"
@@ -128,18 +150,26 @@ class RegionQuorum:
                     f"ft.quorum_timeout_s ({self.config.ft.quorum_timeout_s:g} s)"
                 )
         self.last_s = time.perf_counter() - began
+        if self.healed and not first:
+            raise CommError(
+                f"region {self.topology.region} fell out of step with its peers (a sync they committed "
+                "failed here): restarting it to rejoin"
+            )
         parent = self.group.parent
         if parent is self._parent:
             return None
         self._parent = parent
-        # The members' regions and lives, asked of the members (torchft's group knows only their
-        # order) over a plain engine: the exchange is not WAN traffic of the run's.
-        mine = torch.tensor([float(self.topology.region), float(os.environ.get(RESTART_ENV, 0))])
+        # The members' regions, lives and steps, asked of the members (torchft's group knows only
+        # their order) over a plain engine: the exchange is not WAN traffic of the run's.
+        mine = torch.tensor([self.topology.region, int(os.environ.get(RESTART_ENV, 0)), step()], dtype=torch.float64)
         asked = CommEngine(parent, name="inter-region", timeout_s=self.config.topology.timeout_s)
-        members = asked.all_gather(mine).wait().view(-1, 2).long().tolist()
-        regions, lives = [m[0] for m in members], [m[1] for m in members]
-        engine.rebind(parent, self._link(regions), members=[f"region {r}" for r in regions])
-        return Membership(regions, lives, self.healed, time.perf_counter() - began)
+        regions, lives, steps = asked.all_gather(mine).wait().view(-1, 3).long().T.tolist()
+        if step() < max(steps):
+            raise CommError(
+                f"region {self.topology.region} is at step {step()} but a peer at {max(steps)} (regions resumed "
+                "from different checkpoints?): restarting it to heal"
+            )
+        return Membership(regions, lives, parent, self._link(regions), self.healed, time.perf_counter() - began)
 
     def _link(self, regions: list[int]) -> LinkModel | None:
         w = self.config.wan
@@ -159,7 +189,13 @@ class RegionQuorum:
         on every rank of this region, and the quorum had at least ft.min_regions regions."""
         if failure is not None:
             self.manager.report_error(failure)
-        return self.manager.should_commit()
+        return torchft_call("the commit", self.manager.should_commit)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.manager.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.manager.load_state_dict(state)
 
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)

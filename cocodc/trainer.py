@@ -92,6 +92,12 @@ def checkpoint_root(config: Config, region: int) -> Path:
     return root / f"region{region}" if config.ft.enabled else root
 
 
+def checkpoint_ranks(config: Config, region: int) -> range:
+    """The ranks whose files a checkpoint under `checkpoint_root(config, region)` holds."""
+    per_region = config.shape[1]
+    return range(region * per_region, (region + 1) * per_region) if config.ft.enabled else range(config.world_size)
+
+
 def check_run_dir(config: Config, resume: bool, overwrite: bool, region: int = 0) -> None:
     """Refuse to mix a new run into an old one; raises ConfigError or CheckpointError."""
     run_dir = config.run_dir
@@ -126,7 +132,7 @@ def open_run(
     start_step, state = 0, None
     if resume:
         start_step = checkpoint.latest_step(ckpt_root)
-        checkpoint.check_compatible(ckpt_root, start_step, config, topology.world_size)
+        checkpoint.check_compatible(ckpt_root, start_step, config, checkpoint_ranks(config, topology.region))
         state = checkpoint.load_rank(ckpt_root, start_step, topology.rank)
         if topology.is_region_leader:
             truncate_after(Metrics.path(run_dir, topology.region), start_step)
@@ -367,9 +373,9 @@ class Trainer:
         checkpointer = Checkpointer(self.config, self.topology, self.world, parts)
         if state is not None:
             checkpointer.restore(state)
-        mode.join(self)
-        self._announce(mode)
         try:
+            mode.join(self)
+            self._announce(mode)
             return self._loop(mode, checkpointer, stop_at)
         except (CommError, Interrupted) as err:
             raise self._rescue(checkpointer, mode, err) from None

@@ -26,7 +26,7 @@ def test_resume_refuses_a_changed_schedule_or_normaliser(tmp_path, override, key
     save_complete(tmp_path, 4, load_config(TINY, base))
     changed = load_config(TINY, [*base, override])
     with pytest.raises(checkpoint.CheckpointError, match=f"was written with {key}="):
-        checkpoint.check_compatible(tmp_path, 4, changed, world_size=1)
+        checkpoint.check_compatible(tmp_path, 4, changed, range(1))
 
 
 def test_commit_prunes_incomplete_saves_and_keeps_the_newest(tmp_path):

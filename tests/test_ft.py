@@ -45,8 +45,9 @@ def train(root: Path, name: str, *settings: str, faults: str = "") -> tuple[str,
 
 
 def global_copies(run: Path, region: int | None = None) -> list[torch.Tensor]:
+    """The global copies in the last checkpoint of `region` (with ft), or of rank 0 (without)."""
     root = run / "checkpoints" / (f"region{region}" if region is not None else "")
-    (saved,) = root.glob("step_*/rank0.pt" if region is None else "step_*/*.pt")
+    saved = sorted(root.glob("step_*/rank0.pt" if region is None else "step_*/*.pt"))[-1]
     return torch.load(saved, weights_only=False)["outer"]["global_params"]
 
 
@@ -125,3 +126,21 @@ def test_a_region_of_two_ranks_heals_as_one(run_root):
     copies = [torch.load(path, weights_only=False)["outer"]["global_params"] for paths in ranks for path in paths]
     assert len(copies) == 4
     assert all(torch.equal(a, b) for other in copies[1:] for a, b in zip(copies[0], other, strict=True))
+
+
+def test_an_ft_run_stopped_and_resumed_matches_one_that_never_stopped(run_root):
+    shape = ["topology.regions=2", "train.steps=40", "ft.enabled=true"]
+    train(run_root, "whole", *shape)
+    stopped = cocodc(
+        "train", "-c", TINY, "--stop-at", "22",
+        *overrides(*SHAPE, f"run.dir={run_root}", "run.name=parts", *shape), cwd=run_root.parent, timeout=240,
+    )  # fmt: skip
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    resumed = cocodc(
+        "train", "-c", TINY, "--resume",
+        *overrides(*SHAPE, f"run.dir={run_root}", "run.name=parts", *shape), cwd=run_root.parent, timeout=240,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for region in (0, 1):  # a fragment was in flight at step 22: it is applied after the resume
+        whole, parts = global_copies(run_root / "whole", region), global_copies(run_root / "parts", region)
+        assert all(torch.equal(a, b) for a, b in zip(whole, parts, strict=True))

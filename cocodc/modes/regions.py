@@ -29,12 +29,15 @@ if TYPE_CHECKING:
 
 def kill_step(text: str, region: int) -> int | None:
     """The step after whose sends this region's first life ends by SIGKILL, from COCODC_FAULTS
-    "sigkill:<region>@<step>[,...]" (a drill of a region's machine dying mid-sync)."""
+    "sigkill:<region>@<step>[,...]" (ft: a drill of a region's machine dying mid-sync; the other
+    kinds are the federated and split modes')."""
     step = None
     for item in filter(None, (part.strip() for part in text.split(","))):
         kind, _, where = item.partition(":")
         victim, _, at = where.partition("@")
-        if kind != "sigkill" or not victim.isdigit() or not at.isdigit():
+        if kind != "sigkill":
+            continue
+        if not victim.isdigit() or not at.isdigit():
             raise ConfigError(f"{FAULTS_ENV}: {item!r} is not sigkill:<region>@<step>")
         if int(victim) == region:
             step = int(at)
@@ -82,10 +85,14 @@ class RegionsMode:
         self.outer = (
             OuterSync(model, config.sync, self.wan, intra=intra, quorum=self.quorum) if self.method != "ddp" else None
         )
+        self._skip = 0  # batches of this region's shard a heal moved it past
         first_life = int(os.environ.get(RESTART_ENV, 0)) == 0
-        self.kill_at = kill_step(os.environ.get(FAULTS_ENV, ""), topology.region) if first_life else None
+        faults = os.environ.get(FAULTS_ENV, "") if config.ft.enabled and first_life else ""
+        self.kill_at = kill_step(faults, topology.region)
         self.keeps_region_copies = self.outer is not None
         self.parts: dict[str, Stateful] = {"outer": self.outer} if self.outer is not None else {}
+        if self.quorum is not None:
+            self.parts["quorum"] = self.quorum  # the commit count: who is behind after a resume
         self.train_model = model
         if self.outer is None and topology.world_size > 1:
             self.train_model = DistributedDataParallel(model, process_group=topology.world_group)
@@ -104,26 +111,32 @@ class RegionsMode:
 
     def join(self, trainer: Trainer) -> None:
         """ft: the first quorum. A fresh run waits for every region; a region torchrun restarted
-        joins the others where they are, healed from one of them."""
+        (or one resumed behind the others) joins them where they are, healed from one of them."""
         if self.quorum is None:
             return
         self.trainer = trainer
+        regions = self.topology.regions
         restarted = int(os.environ.get(RESTART_ENV, 0)) > 0
         if restarted:
             # Its old life must be out of the quorum before the new one asks: with both in the
             # lighthouse's view, the others were seen to split into quorums of different steps.
             time.sleep(self.config.ft.heartbeat_timeout_s)
-        healed = self.outer.join(at_least=1 if restarted else self.topology.regions)
+        healed = self.outer.join(at_least=1 if restarted else regions)
+        if restarted and not healed and self.quorum.committed == 0:
+            healed = self.outer.join(at_least=regions)  # nobody had committed: the run is only starting
+            restarted = False
         trainer.metrics.records(self._seen(self.outer.pop_records()))
-        if not restarted:
-            # The start counts as a committed step, so a region restarted at any later point is
-            # behind every live one and heals, whenever it died.
-            self.quorum.commit(None)
-        elif not healed:
+        if healed:
+            trainer.data.loader.skip(self._skip)  # now, not in the heal: the peers wait for its sends there
+        elif restarted:
             raise CommError(
                 f"region {self.topology.region} was restarted, but no live region was ahead of it to heal from "
                 "(the others have finished or failed); continue the run with --resume"
             )
+        else:
+            # The start counts as a committed sync, so a region restarted at any later point is
+            # behind every live one and heals, whenever it died.
+            self.quorum.commit(None)
 
     def _heal_state(self) -> dict[str, Any]:
         """What a region healing from this one takes (asked on torchft's thread while this region
@@ -145,7 +158,7 @@ class RegionsMode:
         self.outer.take_global()
         t.optimizer.load_state_dict(state["optimizer"])
         t.totals.load_state_dict(state["totals"])
-        t.data.loader.skip(int(state["step"]) - t.step)
+        self._skip = int(state["step"]) - t.step
         t.step = t.start_step = int(state["step"])
 
     def _seen(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:

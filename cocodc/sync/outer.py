@@ -175,18 +175,14 @@ class OuterSync:
     def _start_quorum(self, first: bool = False, at_least: int = 1) -> float:
         """Ask the quorum for the sync about to be sent; the weight of this region's sends (0 when
         it was healed to join)."""
-        change = self.quorum.start(self.comm, at_least)
+        change = self.quorum.start(lambda: self.inner_step, at_least, first)
         self._quorum_s = self.quorum.last_s
         if change is None:
             return 1.0
-        if change.healed and not first:
-            raise CommError(
-                f"region {self.quorum.topology.region} fell out of step with its peers (a sync they committed "
-                "failed here): restarting it to rejoin"
-            )
-        dropped = []
-        if not first:  # what a resumed region holds in flight, its resumed peers hold too
-            dropped = self._drop_in_flight("the quorum changed")
+        # Before the engine moves to the new group: what is in flight still runs over the old one.
+        # What a resumed region holds in flight at its first quorum, its resumed peers hold too.
+        dropped = [] if first else self._drop_in_flight("the quorum changed")
+        self.comm.rebind(change.group, change.link, members=[f"region {r}" for r in change.regions])
         before, self.regions = self._members, change.regions
         self._members = list(zip(change.regions, change.lives, strict=True))
         self._records.append(
@@ -212,6 +208,16 @@ class OuterSync:
                 pending.handle.wait()
             self._record_dropped(pending, reason)
         return dropped
+
+    def _drop_failed(self) -> None:
+        """ft: what is in flight and failed (a peer died) is dropped now, as its apply would have."""
+        for p, pending in list(self._in_flight.items()):
+            try:
+                pending.handle.wait()
+            except CommError as err:
+                del self._in_flight[p]
+                self._dropped.add(pending.slot.key)
+                self._record_dropped(pending, f"failed: {err}")
 
     def _record_dropped(self, pending: _InFlight, reason: str) -> None:
         self._records.append(
@@ -398,6 +404,8 @@ class OuterSync:
         """Everything needed to continue exactly; fragments in flight are waited for and stored.
         Without `in_flight` (the state a peer heals from: every member drops what is in flight when
         the quorum changes), they are stored as dropped."""
+        if self.quorum is not None and in_flight:
+            self._drop_failed()
         dropped = set(self._dropped) | (set() if in_flight else {x.slot.key for x in self._in_flight.values()})
         return {
             "inner_step": self.inner_step,
@@ -448,7 +456,7 @@ class OuterSync:
                 self.flat[slot.fragment].sent.copy_(entry["sent"])
             self._in_flight[slot.fragment] = _InFlight(slot, handle)
         self._drained = {(int(index), int(part)) for index, part in state["drained"]}
-        self._dropped = {(int(index), int(part)) for index, part in state["dropped"]}
+        self._dropped = {(int(index), int(part)) for index, part in state.get("dropped", [])}  # older: none
         if self.running_normaliser:
             for f, saved in zip(self.flat, state["normalisers"], strict=True):
                 f.normaliser.copy_(saved)
