@@ -18,9 +18,11 @@ has, and survives the regions lost for good as long as `ft.min_regions` finish.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +82,9 @@ def train_command(args: list[str]) -> int:
         os.environ[LAUNCHER_PID] = str(os.getpid())
         try:
             return train_regions(config, args, options.overwrite)
+        except netem.NetemError as err:
+            print(f"cocodc: error: {err}", file=sys.stderr)
+            return 2
         except LauncherInterrupted as err:
             print(f"cocodc: error: interrupted by {err}; the regions' jobs are stopped", file=sys.stderr)
             return 128 + err.signum
@@ -178,11 +183,12 @@ def train_over_netem(config: Config, args: list[str]) -> int:
 
 
 def train_regions(config: Config, args: list[str], overwrite: bool) -> int:
-    """`ft`: the lighthouse here and one torchrun job per region. A job that fails is restarted by
-    its torchrun; one that fails for good leaves the others to finish without it."""
+    """`ft`: the lighthouse here and one torchrun job per region (with `wan.emulation: netem`, each in
+    its region's namespace of a fresh emulated WAN, the lighthouse in region 0's). A job that fails
+    is restarted by its torchrun; one that fails for good leaves the others to finish without it."""
     import shutil
 
-    from cocodc.ft import LIGHTHOUSE_ENV
+    from cocodc.ft import ADDRESS_ENV, LIGHTHOUSE_ENV
 
     received: list[int] = []
     for signum in STOP_SIGNALS:
@@ -190,38 +196,45 @@ def train_regions(config: Config, args: list[str], overwrite: bool) -> int:
     if overwrite:  # once, here: the regions' jobs share the directory and may restart
         shutil.rmtree(config.run_dir, ignore_errors=True)
     args = [arg for arg in args if arg != "--overwrite"]
-    f, regions, per_region = config.ft, config.topology.regions, config.topology.ranks_per_region
+    f, w, regions, per_region = config.ft, config.wan, config.topology.regions, config.topology.ranks_per_region
     if not config.train.threads:  # every region on this host: share its cores out
         args = [*args, "--set", f"train.threads={max(1, (os.cpu_count() or 1) // (regions * per_region))}"]
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's lighthouse and managers log every quorum at info
     env = {**os.environ}
-    lighthouse = None
-    if not f.lighthouse:
-        from torchft.coordination import LighthouseServer
-
-        try:
-            lighthouse = LighthouseServer(
-                bind="[::]:0",
-                min_replicas=f.min_regions,
-                heartbeat_timeout_ms=round(f.heartbeat_timeout_s * 1000),
-                join_timeout_ms=round(f.join_timeout_s * 1000),
-            )
-        except RuntimeError as err:
-            print(f"cocodc: error: torchft's lighthouse did not start: {err}", file=sys.stderr)
-            return 2
-        env[LIGHTHOUSE_ENV] = lighthouse.address()
-        print(f"cocodc: torchft lighthouse at {lighthouse.address()}: {regions} regions", flush=True)
-    job = [*_torchrun(), "--standalone", f"--nproc-per-node={per_region}", f"--max-restarts={f.max_restarts}"]
-    nodes: list[subprocess.Popen] = []
-    codes: list[int] | None = None
+    spec = None
+    if w.enabled and w.emulation == "netem":
+        spec = netem.NetemSpec(f"c{os.getpid()}", regions, w.latency_ms, w.bandwidth_mbps, w.jitter_ms, w.loss_pct)
+        state = netem.up(spec, ends_with_caller=True)
+        print(f"cocodc: emulated WAN {spec.name} up ({state['backend']}): {regions} regions", flush=True)
+        env = {"TORCH_CPP_LOG_LEVEL": "ERROR", **env, "GLOO_SOCKET_IFNAME": netem.INTERFACE}
+    lighthouse, nodes, codes = None, [], None
     try:
+        if not f.lighthouse:
+            lighthouse, address = _start_lighthouse(config, spec)
+            env[LIGHTHOUSE_ENV] = address
+            print(f"cocodc: torchft lighthouse at {address}: {regions} regions", flush=True)
         for region in range(regions):
-            nodes.append(subprocess.Popen([*job, *WORKER, *args], env={**env, REGION_ENV: str(region)}))
+            job = [*_torchrun(), f"--nproc-per-node={per_region}", f"--max-restarts={f.max_restarts}"]
+            own = {REGION_ENV: str(region)}
+            if spec is None:
+                job.append("--standalone")
+            else:  # reached at its own address: the others use its store when it leads a quorum
+                here = netem.address(region)
+                job = ["ip", "netns", "exec", netem.namespace(spec.name, region), *job, "--nnodes=1"]
+                job += ["--rdzv-backend=c10d", f"--rdzv-endpoint={here}:{RENDEZVOUS_PORT}", "--rdzv-conf=is_host=true"]
+                job += [f"--rdzv-id={spec.name}-{region}", f"--local-addr={here}"]
+                own[ADDRESS_ENV] = here
+            nodes.append(subprocess.Popen([*job, *WORKER, *args], env={**env, **own}))
         codes = _wait(nodes, received, grace_s=math.inf)
+    except RuntimeError as err:  # the lighthouse did not start
+        print(f"cocodc: error: {err}", file=sys.stderr)
+        return 2
     finally:
         _stop(nodes, netem.STOP_GRACE_S if codes is None else FAILED_NODE_GRACE_S)
         if lighthouse is not None:
             lighthouse.shutdown()
+        if spec is not None:
+            netem.down(spec.name)
     if codes is None:
         raise LauncherInterrupted(received[0])
     lost = [region for region, code in enumerate(codes) if code]
@@ -231,6 +244,27 @@ def train_regions(config: Config, args: list[str], overwrite: bool) -> int:
     if lost:
         print(f"cocodc: regions {lost} failed for good; the others finished the run without them", flush=True)
     return 0
+
+
+def _start_lighthouse(config: Config, spec: netem.NetemSpec | None) -> tuple[object, str]:
+    """torchft's lighthouse and its address; with an emulated WAN, inside region 0's namespace."""
+    from torchft.coordination import LighthouseServer
+
+    f = config.ft
+    host = netem.address(0) if spec is not None else socket.gethostname()
+    inside = netem.inside(netem.namespace(spec.name, 0)) if spec is not None else contextlib.nullcontext()
+    with inside:
+        try:
+            lighthouse = LighthouseServer(
+                bind=f"{host}:0" if spec is not None else "[::]:0",
+                min_replicas=f.min_regions,
+                heartbeat_timeout_ms=round(f.heartbeat_timeout_s * 1000),
+                join_timeout_ms=round(f.join_timeout_s * 1000),
+            )
+        except RuntimeError as err:
+            raise RuntimeError(f"torchft's lighthouse did not start: {err}") from None
+    port = lighthouse.address().rsplit(":", 1)[1]
+    return lighthouse, f"http://{host}:{port}"
 
 
 def _start_node(config: Config, name: str, region: int, args: list[str], env: dict[str, str]) -> subprocess.Popen:

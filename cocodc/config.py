@@ -550,8 +550,6 @@ def _validate_ft(config: Config) -> None:
             f"ft.enabled needs mode regions with an outer sync (sync.method diloco, streaming or cocodc), "
             f"not mode {config.mode} with sync.method {config.sync.method}"
         )
-    if config.wan.enabled and config.wan.emulation == "netem":
-        raise ConfigError("ft.enabled runs over the link model (wan.emulation model), not netem yet")
     if importlib.util.find_spec("torchft") is None:
         raise ConfigError("ft.enabled needs torchft: pip install 'cocodc[ft]'")
     if not 1 <= f.min_regions <= config.topology.regions:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from cocodc.config import Config
 from cocodc.topology import RESTART_ENV, Topology
 
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own: the lighthouse's address
+ADDRESS_ENV = "COCODC_ADDRESS"  # where the other regions reach this one, if not at the host's name
 
 
 @dataclass
@@ -74,6 +76,7 @@ class RegionQuorum:
     ):
         os.environ.setdefault("RUST_LOG", "warn")  # torchft's quorum and commit logs: a line per sync each
         from torchft import Manager  # imported only with ft: it starts threads and servers
+        from torchft.checkpointing.pg_transport import PGTransport
         from torchft.process_group import ProcessGroupGloo
 
         logging.getLogger("torchft").setLevel(logging.ERROR)
@@ -101,6 +104,11 @@ class RegionQuorum:
                 init_sync=False,  # every region starts from the same seeded model
                 store_addr=host,
                 store_port=port,
+                # The heal travels over the quorum's own group (the WAN), and the peer's send
+                # returns once the healing region has it all. torchft's default, HTTP, advertises
+                # the host's name, which another host (or a namespace) may not resolve.
+                checkpoint_transport=PGTransport(self.group, timeout=timeout, device=torch.device("cpu")),
+                hostname=os.environ.get(ADDRESS_ENV, socket.gethostname()),
             ),
         )
         self._parent: Any = None

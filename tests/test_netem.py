@@ -118,6 +118,29 @@ def test_training_across_emulated_regions(tmp_path):
 
 
 @needs_root
+def test_a_region_killed_across_the_emulated_wan_heals_over_it(tmp_path):
+    # ft over netem: each region's job in its namespace, the lighthouse in region 0's; region 1 is
+    # killed by SIGKILL after a send, restarted, and heals from region 0 over the 100 ms link.
+    pytest.importorskip("torchft")
+    before = namespaces()
+    args = overrides(
+        *FAST, "train.steps=200", "eval.every=0", "checkpoint.every=0", "sync.method=streaming",
+        "sync.fragments=2", "sync.sync_every=8", "sync.delay=2", "ft.enabled=true",
+        "wan.emulation=netem", "wan.latency_ms=100", "run.dir=runs",
+    )  # fmt: skip
+    result = cocodc("train", "-c", TINY, *args, cwd=tmp_path, timeout=300, env={"COCODC_FAULTS": "sigkill:1@14"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert namespaces() == before
+    records = read_records(tmp_path / "runs" / "tiny" / "metrics.jsonl")
+    healed = [r for r in records if r["kind"] == "membership" and r["healed"]]
+    assert [(r["region"], r["regions"]) for r in healed] == [(1, [0, 1])]
+    summaries = [
+        json.loads((tmp_path / "runs" / "tiny" / name).read_text()) for name in ("summary.json", "summary-region1.json")
+    ]
+    assert summaries[0]["final_eval_loss"] == summaries[1]["final_eval_loss"]
+
+
+@needs_root
 def test_a_network_up_for_a_run_goes_down_when_its_process_is_killed():
     # The process that brought the network up dies by SIGKILL, leaving a process of its own in
     # region 1. The kernel tells the forwarder, which keeps the network up while that process

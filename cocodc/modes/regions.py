@@ -5,7 +5,6 @@ torchft's quorum says (cocodc/ft.py), and a region that comes back heals from a 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import signal
@@ -140,15 +139,14 @@ class RegionsMode:
 
     def _heal_state(self) -> dict[str, Any]:
         """What a region healing from this one takes (asked on torchft's thread while this region
-        waits for the quorum; copied: torchft serves it while training goes on)."""
+        waits for the quorum, which returns once the healing region has received it all)."""
         t = self.trainer
-        state = {
+        return {
             "step": t.step,
             "outer": self.outer.state_dict(in_flight=False),
             "optimizer": t.optimizer.state_dict(),
             "totals": t.totals.state_dict(),
         }
-        return copy.deepcopy(state)
 
     def _heal(self, state: dict[str, Any]) -> None:
         """Take a peer's state: its global copy, outer and schedule state, inner optimizer and step;
