@@ -130,11 +130,6 @@ class RegionQuorum:
         self.healed = True
         self._load(state)
 
-    @property
-    def committed(self) -> int:
-        """Syncs this region has committed (a restarted region: as many as the peer it healed from)."""
-        return self.manager.current_step()
-
     def start(self, step: Callable[[], int], at_least: int = 1, first: bool = False) -> Membership | None:
         """The quorum for the sync about to be sent at `step()` (asked after a heal may have moved
         it), asked again until it holds `at_least` regions; the change when its members changed.

@@ -114,16 +114,12 @@ class RegionsMode:
         if self.quorum is None:
             return
         self.trainer = trainer
-        regions = self.topology.regions
         restarted = int(os.environ.get(RESTART_ENV, 0)) > 0
         if restarted:
             # Its old life must be out of the quorum before the new one asks: with both in the
             # lighthouse's view, the others were seen to split into quorums of different steps.
             time.sleep(self.config.ft.heartbeat_timeout_s)
-        healed = self.outer.join(at_least=1 if restarted else regions)
-        if restarted and not healed and self.quorum.committed == 0:
-            healed = self.outer.join(at_least=regions)  # nobody had committed: the run is only starting
-            restarted = False
+        healed = self.outer.join(at_least=1 if restarted else self.topology.regions)
         trainer.metrics.records(self._seen(self.outer.pop_records()))
         if healed:
             trainer.data.loader.skip(self._skip)  # now, not in the heal: the peers wait for its sends there
