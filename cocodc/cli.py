@@ -210,7 +210,11 @@ def train_regions(config: Config, args: list[str], overwrite: bool) -> int:
     lighthouse, nodes, codes = None, [], None
     try:
         if not f.lighthouse:
-            lighthouse, address = _start_lighthouse(config, spec)
+            try:
+                lighthouse, address = _start_lighthouse(config, spec)
+            except RuntimeError as err:
+                print(f"cocodc: error: torchft's lighthouse did not start: {err}", file=sys.stderr)
+                return 2
             env[LIGHTHOUSE_ENV] = address
             print(f"cocodc: torchft lighthouse at {address}: {regions} regions", flush=True)
         for region in range(regions):
@@ -226,9 +230,6 @@ def train_regions(config: Config, args: list[str], overwrite: bool) -> int:
                 own[ADDRESS_ENV] = here
             nodes.append(subprocess.Popen([*job, *WORKER, *args], env={**env, **own}))
         codes = _wait(nodes, received, grace_s=math.inf)
-    except RuntimeError as err:  # the lighthouse did not start
-        print(f"cocodc: error: {err}", file=sys.stderr)
-        return 2
     finally:
         _stop(nodes, netem.STOP_GRACE_S if codes is None else FAILED_NODE_GRACE_S)
         if lighthouse is not None:
@@ -254,15 +255,12 @@ def _start_lighthouse(config: Config, spec: netem.NetemSpec | None) -> tuple[obj
     host = netem.address(0) if spec is not None else socket.gethostname()
     inside = netem.inside(netem.namespace(spec.name, 0)) if spec is not None else contextlib.nullcontext()
     with inside:
-        try:
-            lighthouse = LighthouseServer(
-                bind=f"{host}:0" if spec is not None else "[::]:0",
-                min_replicas=f.min_regions,
-                heartbeat_timeout_ms=round(f.heartbeat_timeout_s * 1000),
-                join_timeout_ms=round(f.join_timeout_s * 1000),
-            )
-        except RuntimeError as err:
-            raise RuntimeError(f"torchft's lighthouse did not start: {err}") from None
+        lighthouse = LighthouseServer(
+            bind=f"{host}:0" if spec is not None else "[::]:0",
+            min_replicas=f.min_regions,
+            heartbeat_timeout_ms=round(f.heartbeat_timeout_s * 1000),
+            join_timeout_ms=round(f.join_timeout_s * 1000),
+        )
     port = lighthouse.address().rsplit(":", 1)[1]
     return lighthouse, f"http://{host}:{port}"
 

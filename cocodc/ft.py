@@ -172,20 +172,9 @@ class RegionQuorum:
                 f"region {self.topology.region} is at step {step()} but a peer at {max(steps)} (regions resumed "
                 "from different checkpoints?): restarting it to heal"
             )
-        return Membership(regions, lives, parent, self._link(regions), self.healed, time.perf_counter() - began)
-
-    def _link(self, regions: list[int]) -> LinkModel | None:
-        w = self.config.wan
-        if not w.enabled:
-            return None
-        link = LinkModel.build(
-            self.topology.regions,
-            w.latency_ms,
-            w.bandwidth_mbps,
-            w.jitter_ms,
-            seed=self.config.seed + self.topology.rank,
-        )
-        return link.for_ranks(regions)
+        link = LinkModel.of_config(self.config.wan, self.topology.regions, seed=self.config.seed + self.topology.rank)
+        link = link.for_ranks(regions) if link is not None else None
+        return Membership(regions, lives, parent, link, self.healed, time.perf_counter() - began)
 
     def commit(self, failure: CommError | None) -> bool:
         """Whether the fragment applies: its collective (`failure` if it failed here) went through

@@ -26,6 +26,10 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cocodc.config import WanConfig
 
 Matrix = list[list[float]]
 
@@ -68,6 +72,14 @@ class LinkModel:
             jitter_ms / 1e3,
             random.Random(seed),
         )
+
+    @classmethod
+    def of_config(cls, wan: WanConfig, regions: int, seed: int) -> LinkModel | None:
+        """The config's link between `regions` regions, where the comm engine models it (none when
+        the WAN is ideal or netem delays the real packets)."""
+        if not (wan.enabled and wan.emulation == "model"):
+            return None
+        return cls.build(regions, wan.latency_ms, wan.bandwidth_mbps, wan.jitter_ms, seed=seed)
 
     def for_ranks(self, region_of: Sequence[int]) -> LinkModel:
         """The same links seen by a group whose rank r lives in region `region_of[r]`; ranks of

@@ -58,13 +58,9 @@ def wan_engine(config: Config, topology: Topology) -> CommEngine:
     name = "world" if ddp else "inter-region"
     if config.ft.enabled:  # over torchft's group, bound at the first quorum
         return CommEngine(None, name=name, timeout_s=config.topology.timeout_s)
-    w, link = config.wan, None
-    if w.enabled and w.emulation == "model":
-        link = LinkModel.build(
-            topology.regions, w.latency_ms, w.bandwidth_mbps, w.jitter_ms, seed=config.seed + topology.rank
-        )
-        if region_of is not None:
-            link = link.for_ranks(region_of)
+    link = LinkModel.of_config(config.wan, topology.regions, seed=config.seed + topology.rank)
+    if link is not None and region_of is not None:
+        link = link.for_ranks(region_of)
     return CommEngine(group, link, name=name, members=members, timeout_s=config.topology.timeout_s)
 
 

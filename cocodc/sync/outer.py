@@ -82,9 +82,7 @@ class OuterSync:
         self.config = config
         self.quorum = quorum
         self.comm = comm if comm is not None else CommEngine(group)  # with a quorum, rebound at every change
-        self.regions: list[int] = []  # with a quorum: the regions in it
-        self._members: list[tuple[int, int]] = []  # and (region, life) of each, as ft.Membership says
-        self._quorum_s = 0.0
+        self._members: list[tuple[int, int]] = []  # with a quorum: (region, life) of each member
         self.intra = intra
         self.codec = get_codec(config.quantize)
         count = len(self.fragments)
@@ -176,14 +174,13 @@ class OuterSync:
         """Ask the quorum for the sync about to be sent; the weight of this region's sends (0 when
         it was healed to join)."""
         change = self.quorum.start(lambda: self.inner_step, at_least, first)
-        self._quorum_s = self.quorum.last_s
         if change is None:
             return 1.0
         # Before the engine moves to the new group: what is in flight still runs over the old one.
         # What a resumed region holds in flight at its first quorum, its resumed peers hold too.
         dropped = [] if first else self._drop_in_flight("the quorum changed")
         self.comm.rebind(change.group, change.link, members=[f"region {r}" for r in change.regions])
-        before, self.regions = self._members, change.regions
+        before = self._members
         self._members = list(zip(change.regions, change.lives, strict=True))
         self._records.append(
             {
@@ -198,6 +195,11 @@ class OuterSync:
             }
         )
         return 0.0 if change.healed else 1.0
+
+    @property
+    def regions(self) -> list[int]:
+        """With a quorum: the regions in it, in group rank order."""
+        return [region for region, _ in self._members]
 
     def _drop_in_flight(self, reason: str) -> list[int]:
         dropped = sorted(self._in_flight)
@@ -304,7 +306,7 @@ class OuterSync:
                 flat.tail.copy_(torch.tensor(extras))
             # theta_g - theta_m, never written out: the engine encodes the difference.
             handle = self.comm.all_reduce_mean(flat.with_tail, codec, minus=flat.live, exact_tail=tail, weight=weight)
-        self._in_flight[p] = _InFlight(slot, handle, quorum_s=self._quorum_s)
+        self._in_flight[p] = _InFlight(slot, handle, quorum_s=self.quorum.last_s if self.quorum else 0.0)
 
     def _apply(self, pending: _InFlight) -> None:
         p = pending.slot.fragment
