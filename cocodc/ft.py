@@ -6,8 +6,10 @@ rank. A lighthouse forms a quorum of the regions that ask for one; the sends of 
 (`start`), and when the quorum's members changed the inter-region group is rebuilt (torchft's gloo
 group, reconfigured) and the comm engine is built anew over it: codecs, link model and byte counts
 as on any other group. A region behind the others (restarted after a failure) is healed inside
-`start`: torchft fetches a live peer's state over HTTP and hands it to `load`. The apply of a
-fragment asks `commit`: whether every rank of this region saw its collective through.
+`start`: torchft sends it a live peer's state over the quorum's group and hands it to `load`. The
+apply of a fragment asks `commit`: whether every rank of this region saw its collective through.
+A rank whose collective failed closes its side of the group (`close_group`), so that no live peer
+waits out the timeout on it; the next quorum rebuilds the group.
 
 A dead region is out of the next quorum once its heartbeat has been silent for
 `ft.heartbeat_timeout_s` (the lighthouse's bound); a quorum waits at most `ft.quorum_timeout_s`
@@ -16,6 +18,7 @@ A dead region is out of the next quorum once its heartbeat has been silent for
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -123,7 +126,8 @@ class RegionQuorum:
         if topology.local_index == 0:
             self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
             port = [self._store.port]
-        dist.broadcast_object_list(port, src=0, group=topology.setup_group)
+        if topology.ranks_per_region > 1:
+            dist.broadcast_object_list(port, src=0, group=topology.setup_group)
         return host, port[0]
 
     def _heal(self, state: dict[str, Any]) -> None:
@@ -138,6 +142,38 @@ class RegionQuorum:
         began = time.perf_counter()
         self.healed = False
         while True:
+            self._ask(at_least, began)
+            self.last_s = time.perf_counter() - began
+            if self.healed and not first:
+                raise CommError(
+                    f"region {self.topology.region} fell out of step with its peers (a sync they committed "
+                    "failed here): restarting it to rejoin"
+                )
+            parent = self._rebuilt_group()
+            if parent is self._parent:
+                return None
+            try:
+                regions, lives, steps = self._members_of(parent, step())
+                break
+            except CommError as err:
+                failure = str(err)  # the error holds the group: it must be gone before the group closes
+            # A member died, or gave up, since the quorum formed: the next quorum is without it.
+            del parent
+            self.commit(failure)
+            self.close_group()
+        self._parent = parent
+        if step() < max(steps):
+            raise CommError(
+                f"region {self.topology.region} is at step {step()} but a peer at {max(steps)} (regions "
+                "resumed from different checkpoints?): restarting it to heal"
+            )
+        link = LinkModel.of_config(self.config.wan, self.topology.regions, seed=self.config.seed + self.topology.rank)
+        link = link.for_ranks(regions) if link is not None else None
+        return Membership(regions, lives, parent, link, self.healed, time.perf_counter() - began)
+
+    def _ask(self, at_least: int, began: float) -> None:
+        """Ask torchft's quorum until it holds `at_least` regions (it may heal this region)."""
+        while True:
             torchft_call("the quorum", self.manager.start_quorum)
             if (failure := self.manager.errored()) is not None:
                 raise CommError(
@@ -146,42 +182,45 @@ class RegionQuorum:
             # Asked again at once: the lighthouse admits newcomers to a quorum only together with
             # every member of the last one, so the regions that are up must keep asking together.
             if self.manager.num_participants() >= at_least:
-                break
+                return
             if time.perf_counter() - began > self.config.ft.quorum_timeout_s:
                 raise CommError(
                     f"only {self.manager.num_participants()} of {at_least} regions joined within "
                     f"ft.quorum_timeout_s ({self.config.ft.quorum_timeout_s:g} s)"
                 )
-        self.last_s = time.perf_counter() - began
-        if self.healed and not first:
-            raise CommError(
-                f"region {self.topology.region} fell out of step with its peers (a sync they committed "
-                "failed here): restarting it to rejoin"
-            )
-        parent = self.group.parent
-        if parent is self._parent:
-            return None
-        self._parent = parent
-        # The members' regions, lives and steps, asked of the members (torchft's group knows only
-        # their order) over a plain engine: the exchange is not WAN traffic of the run's.
-        mine = torch.tensor([self.topology.region, int(os.environ.get(RESTART_ENV, 0)), step()], dtype=torch.float64)
-        asked = CommEngine(parent, name="inter-region", timeout_s=self.config.topology.timeout_s)
-        regions, lives, steps = asked.all_gather(mine).wait().view(-1, 3).long().T.tolist()
-        if step() < max(steps):
-            raise CommError(
-                f"region {self.topology.region} is at step {step()} but a peer at {max(steps)} (regions resumed "
-                "from different checkpoints?): restarting it to heal"
-            )
-        link = LinkModel.of_config(self.config.wan, self.topology.regions, seed=self.config.seed + self.topology.rank)
-        link = link.for_ranks(regions) if link is not None else None
-        return Membership(regions, lives, parent, link, self.healed, time.perf_counter() - began)
 
-    def commit(self, failure: CommError | None) -> bool:
-        """Whether the fragment applies: its collective (`failure` if it failed here) went through
-        on every rank of this region, and the quorum had at least ft.min_regions regions."""
+    def _rebuilt_group(self) -> Any:
+        try:
+            return self.group.parent
+        except AssertionError:  # torchft's way of saying it has no group
+            raise CommError("torchft did not rebuild the inter-region group after it was closed") from None
+
+    def _members_of(self, parent: Any, step: int) -> list[list[int]]:
+        """The members' regions, lives and steps, asked of the members (torchft's group knows only
+        their order) over a plain engine: the exchange is not WAN traffic of the run's."""
+        mine = torch.tensor([self.topology.region, int(os.environ.get(RESTART_ENV, 0)), step], dtype=torch.float64)
+        asked = CommEngine(parent, name="inter-region", timeout_s=self.config.topology.timeout_s)
+        return asked.all_gather(mine).wait().view(-1, 3).long().T.tolist()
+
+    def commit(self, failure: str | None) -> bool:
+        """Whether the fragment applies: its collective (`failure`: why it failed here, if it did)
+        went through on every rank of this region, and the quorum had at least ft.min_regions
+        regions. A failed commit makes the lighthouse form the next quorum anew."""
         if failure is not None:
-            self.manager.report_error(failure)
+            # Reported as a message: the error raised holds the failed work, and with it the group.
+            self.manager.report_error(CommError(failure))
         return torchft_call("the commit", self.manager.should_commit)
+
+    def close_group(self) -> None:
+        """Close this rank's connections of the inter-region group, after a collective on it
+        failed here. gloo notices a dead peer only on the connection it reads: a live peer waiting
+        on this rank for that collective would wait out the timeout, and miss the next quorum
+        (the lighthouse waits for it up to its join timeout). Closed, the peer's wait fails at once.
+        The group closes when the last reference to it goes: the caller holds none (no engine
+        bound to it, no work in flight on it); the next quorum rebuilds it."""
+        self.group.abort(errored=False)
+        self._parent = None
+        gc.collect()  # a failed work's exception may sit in a reference cycle, and holds the connections
 
     def state_dict(self) -> dict[str, int]:
         return self.manager.state_dict()

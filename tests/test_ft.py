@@ -3,10 +3,12 @@ managers, one torchrun job per region, and a region's worker killed by a real SI
 it sent a fragment (COCODC_FAULTS sigkill:<region>@<step>, on its first life only)."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from cocodc.metrics import read_records
 from cocodc.sync.schedule import RoundRobinSchedule
@@ -144,3 +146,63 @@ def test_an_ft_run_stopped_and_resumed_matches_one_that_never_stopped(run_root):
     for region in (0, 1):  # a fragment was in flight at step 22: it is applied after the resume
         whole, parts = global_copies(run_root / "whole", region), global_copies(run_root / "parts", region)
         assert all(torch.equal(a, b) for a, b in zip(whole, parts, strict=True))
+
+
+def test_a_rank_whose_collective_failed_releases_the_peers_waiting_on_it():
+    """gloo notices a dead peer only on the connection it reads: region 2, waiting on region 0
+    for a collective region 0 gave up on (its read from a dead region failed), would wait out the
+    timeout and miss the next quorum. Region 0 closes its side of the group: region 2's wait fails
+    at once, and the next quorum rebuilds the group for all three. Real lighthouse, managers and
+    gloo groups; the regions are threads of this process, one rank each."""
+    from torchft.coordination import LighthouseServer
+
+    from cocodc.comm import CommEngine
+    from cocodc.config import load_config
+    from cocodc.ft import RegionQuorum
+    from cocodc.topology import Topology
+
+    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=3, join_timeout_ms=60_000)
+    lighthouse_at = f"ft.lighthouse={lighthouse.address()}"
+    config = load_config(TINY, ["ft.enabled=true", "topology.regions=3", "topology.timeout_s=30", lighthouse_at])
+    posted, outcome = threading.Barrier(3), {}
+
+    def region(r: int) -> None:
+        shape = Topology(r, 3, 3, 1, torch.device("cpu"), None, None, None, None, 0)
+        quorum = RegionQuorum(config, shape, save=dict, load=lambda state: None)
+        try:
+            first = quorum.start(lambda: 0, at_least=3, first=True)
+            engine = CommEngine(first.group, name="inter-region", timeout_s=30)
+            if r == 2:  # waits on region 0 for what region 0 will never send
+                waiting = dist.irecv(torch.zeros(4), group_src=first.regions.index(0), group=first.group)
+            del first
+            posted.wait()
+            if r == 0:
+                quorum.commit("a read from a dead region failed")
+                engine.rebind(None)
+                quorum.close_group()
+            if r == 2:
+                with pytest.raises(RuntimeError) as failed:
+                    waiting.wait()
+                outcome["waited"] = str(failed.value)
+                del waiting, failed
+                quorum.commit("region 0 closed its side")
+                engine.rebind(None)
+                quorum.close_group()
+            again = quorum.start(lambda: 0)
+            assert again is not None, "the group was not rebuilt"
+            engine.rebind(again.group)
+            outcome[r] = engine.all_reduce_mean(torch.full((4,), float(r))).wait().tolist()
+        except BaseException as err:  # noqa: BLE001 - surfaced by the main thread
+            outcome[r] = err
+            posted.abort()
+        finally:
+            quorum.shutdown()
+
+    threads = [threading.Thread(target=region, args=(r,)) for r in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    lighthouse.shutdown()
+    assert "closed" in outcome["waited"].lower() and "timed out" not in outcome["waited"].lower(), outcome["waited"]
+    assert [outcome[r] for r in range(3)] == [[1.0] * 4] * 3, outcome

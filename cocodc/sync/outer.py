@@ -158,8 +158,8 @@ class OuterSync:
                 self._drained.discard(apply.key)  # a run continued past its end: finish() applied it
             elif apply.key in self._dropped:
                 self._dropped.discard(apply.key)
-            else:
-                self._apply(self._in_flight.pop(apply.fragment))
+            elif not self._apply(self._in_flight.pop(apply.fragment)):
+                self._close_group()
 
     def join(self, at_least: int) -> bool:
         """ft: the first quorum (of `at_least` regions), before the first inner step or after a
@@ -210,6 +210,14 @@ class OuterSync:
                 pending.handle.wait()
             self._record_dropped(pending, reason)
         return dropped
+
+    def _close_group(self) -> None:
+        """ft, after a collective failed here: what else is in flight on the group is dropped and
+        this rank's side of the group closed (see RegionQuorum.close_group); the next quorum
+        rebuilds it."""
+        self._drop_in_flight("a collective before it failed here")
+        self.comm.rebind(None)
+        self.quorum.close_group()
 
     def _drop_failed(self) -> None:
         """ft: what is in flight and failed (a peer died) is dropped now, as its apply would have."""
@@ -308,7 +316,9 @@ class OuterSync:
             handle = self.comm.all_reduce_mean(flat.with_tail, codec, minus=flat.live, exact_tail=tail, weight=weight)
         self._in_flight[p] = _InFlight(slot, handle, quorum_s=self.quorum.last_s if self.quorum else 0.0)
 
-    def _apply(self, pending: _InFlight) -> None:
+    def _apply(self, pending: _InFlight) -> bool:
+        """Apply a fragment's outer step (ft: if the sync committed); False if its collective
+        failed here."""
         p = pending.slot.fragment
         flat = self.flat[p]
         flat.check_bound()
@@ -318,10 +328,10 @@ class OuterSync:
         except CommError as err:
             if self.quorum is None:
                 raise
-            failure = err
+            failure = str(err)  # the error holds the failed work, which holds the group open
         if self.quorum is not None and not self.quorum.commit(failure):
             self._record_dropped(pending, f"not committed: {failure}" if failure else "not committed")
-            return
+            return failure is None
         weights = pending.handle.weights
         excluded = [self.regions[m] if self.quorum else m for m, w in enumerate(weights) if w == 0]
         if len(excluded) == len(weights):
@@ -376,6 +386,7 @@ class OuterSync:
                 **({"w_mean": w_mean, "w_capped": w_capped} if merge == "compensate" else {}),
             }
         )
+        return True
 
     def pop_records(self) -> list[dict[str, Any]]:
         """Records since the last call: one `sync` per applied fragment, one `decision` per slot
