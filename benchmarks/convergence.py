@@ -49,8 +49,10 @@ METHODS: dict[str, list[str]] = {
     "replay a=0.5": ["sync.method=cocodc", "sync.dc_lambda=0", "sync.alpha=0.5"],
     "cocodc a=0": ["sync.method=cocodc", "sync.alpha=0.0"],
     "cocodc a=0.5": ["sync.method=cocodc", "sync.alpha=0.5"],
-    # The per-tensor normaliser (scale-free at every apply, w capped below 1).
+    # The per-tensor normaliser (scale-free at every apply, w capped below 1), and the running one
+    # over a short horizon (decay 0.5 rather than 0.99: its first value is the first sample).
     "cocodc-tensor a=0.5": ["sync.method=cocodc", "sync.alpha=0.5", "sync.dc_normaliser=tensor"],
+    "cocodc-short a=0.5": ["sync.method=cocodc", "sync.alpha=0.5", "sync.dc_beta=0.5"],
     # The adaptive schedule at the sweep's tau, and with the link's idle share (its own tau, up to
     # the sweep's): not in the default sweep; worth running on a link where the schedule matters.
     "cocodc adaptive a=0.5": [
