@@ -23,8 +23,9 @@ and an apply happens only where the Manager says the sync committed. When the qu
 change, every member drops the fragments it has in flight (their collectives ran over the old
 group, and a region that joins has none of them): their drift stays in the live parameters and
 travels with the fragment's next sync. A region that heals to join sends its first sync with
-weight 0 (its drift is nothing yet). A collective that fails (a peer died) is not applied; the
-next quorum leaves the dead region out.
+weight 0 (its drift is nothing yet). A collective that fails (a peer died) is not applied, what
+is in flight after it is dropped, and this rank closes its side of the group, so that no live
+peer waits on it; the next quorum leaves the dead region out and rebuilds the group.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ class OuterSync:
         """ft, after a collective failed here: what else is in flight on the group is dropped and
         this rank's side of the group closed (see RegionQuorum.close_group); the next quorum
         rebuilds it."""
-        self._drop_in_flight("a collective before it failed here")
+        self._drop_in_flight("an earlier collective on the group failed here")
         self.comm.rebind(None)
         self.quorum.close_group()
 
