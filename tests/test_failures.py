@@ -143,3 +143,20 @@ def test_a_silent_region_is_noticed_within_the_timeout(tmp_path):
     assert any("did not complete within" in line or "Timed out" in line for line in lines), stderr[-3000:]
     assert namespaces() == before
     assert sorted(p.name.split("-")[0] for p in (run / "checkpoints" / "rescue").iterdir()) == ["rank0", "rank1"]
+
+
+def test_the_fault_drills_parse_one_grammar():
+    from cocodc.config import ConfigError
+    from cocodc.modes.faults import parse_faults
+
+    assert parse_faults(" raise:3, nan:5 ", {"raise": False, "nan": False}) == {3: ("raise", None), 5: ("nan", None)}
+    assert parse_faults("sigkill:1@66,sigkill:2@7", {"sigkill": True}) == {1: ("sigkill", 66), 2: ("sigkill", 7)}
+    assert parse_faults("", {"sigkill": True}) == {}
+    for text, kinds in [
+        ("sigkill:1", {"sigkill": True}),  # a drill that kills names its step
+        ("raise:3@5", {"raise": False}),  # one that strikes every time does not
+        ("sigkill:1@x", {"sigkill": True}),
+        ("raise:3", {"sigkill": True}),  # not a fault of this mode
+    ]:
+        with pytest.raises(ConfigError, match=rf"^COCODC_FAULTS: '{text}' is not "):
+            parse_faults(text, kinds)

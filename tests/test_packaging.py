@@ -13,4 +13,4 @@ def test_every_subpackage_is_listed_in_pyproject():
         if "__pycache__" not in init.parts
     }
     assert found <= listed, f"not in [tool.setuptools] packages: {sorted(found - listed)}"
-    assert "cocodc.kernels" in listed  # mapped from kernels/
+    assert "cocodc.kernels" in listed

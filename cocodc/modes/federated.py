@@ -31,14 +31,12 @@ from cocodc.data import ClientShards
 from cocodc.devices import DeviceProfiles
 from cocodc.federated.clients import executor_of, round_arrivals, sample_clients
 from cocodc.federated.strategies import build_strategy, proximal_term, weighted_mean
+from cocodc.modes.faults import FAULTS_ENV, parse_faults
 from cocodc.topology import Topology
 from cocodc.trainer import Stateful, Trainer, lr_at
 
 SERVER = 0
 OK, FAILED = 0.0, 1.0
-# Fault injection for tests and drills: "raise:3,nan:5" makes client 3 raise and client 5 send a
-# non-finite update in every round they are sampled (the real failure paths run).
-FAULTS_ENV = "COCODC_FAULTS"
 
 
 def load_initial_model(model: nn.Module, source: str) -> None:
@@ -54,17 +52,6 @@ def load_initial_model(model: nn.Module, source: str) -> None:
     except (checkpoint.CheckpointError, RuntimeError, KeyError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"federated.init_from {source}: cannot load its model into this config's ({first})") from None
-
-
-def parse_faults(text: str, kinds: tuple[str, ...] = ("raise", "nan")) -> dict[int, str]:
-    """ "raise:3,nan:5" -> {3: "raise", 5: "nan"}, of the given kinds of fault."""
-    faults = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        kind, _, client = item.partition(":")
-        if kind not in kinds or not client.isdigit():
-            raise ConfigError(f"{FAULTS_ENV}: {item!r} is not {' or '.join(k + ':<n>' for k in kinds)}")
-        faults[int(client)] = kind
-    return faults
 
 
 class GlobalModel:
@@ -116,7 +103,8 @@ class FederatedMode:
         self.global_model = GlobalModel(self.params, strategy)
         self.parts: dict[str, Stateful] = {"federated": self.global_model}
         self.profiles = DeviceProfiles.draw(f.clients, config.seed, config.devices)
-        self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
+        faults = parse_faults(os.environ.get(FAULTS_ENV, ""), {"raise": False, "nan": False})
+        self.faults = {client: kind for client, (kind, _) in faults.items()}
         self.records: list[dict[str, Any]] = []
         self.totals = {"bytes_up": 0, "bytes_down": 0, "modelled_s": 0.0, "accepted": 0, "left_out": 0}
         self.parts["federated_totals"] = _Totals(self.totals)

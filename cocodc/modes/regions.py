@@ -16,31 +16,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cocodc.comm import CommEngine, CommError
 from cocodc.comm.wan import LinkModel
-from cocodc.config import Config, ConfigError
-from cocodc.modes.federated import FAULTS_ENV
+from cocodc.config import Config
+from cocodc.modes.faults import FAULTS_ENV, parse_faults
 from cocodc.sync import OuterSync
 from cocodc.topology import RESTART_ENV, Topology
 from cocodc.trainer import Stateful, Trainer
 
 if TYPE_CHECKING:
     from cocodc.ft import RegionQuorum
-
-
-def kill_step(text: str, region: int) -> int | None:
-    """The step after whose sends this region's first life ends by SIGKILL, from COCODC_FAULTS
-    "sigkill:<region>@<step>[,...]" (ft: a drill of a region's machine dying mid-sync; the other
-    kinds are the federated and split modes')."""
-    step = None
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        kind, _, where = item.partition(":")
-        victim, _, at = where.partition("@")
-        if kind != "sigkill":
-            continue
-        if not victim.isdigit() or not at.isdigit():
-            raise ConfigError(f"{FAULTS_ENV}: {item!r} is not sigkill:<region>@<step>")
-        if int(victim) == region:
-            step = int(at)
-    return step
 
 
 def wan_engine(config: Config, topology: Topology) -> CommEngine:
@@ -82,8 +65,9 @@ class RegionsMode:
         )
         self._skip = 0  # batches of this region's shard a heal moved it past
         first_life = int(os.environ.get(RESTART_ENV, 0)) == 0
-        faults = os.environ.get(FAULTS_ENV, "") if config.ft.enabled and first_life else ""
-        self.kill_at = kill_step(faults, topology.region)
+        drill = os.environ.get(FAULTS_ENV, "") if config.ft.enabled and first_life else ""
+        kill = parse_faults(drill, {"sigkill": True}).get(topology.region)
+        self.kill_at = kill[1] if kill is not None else None
         self.keeps_region_copies = self.outer is not None
         self.parts: dict[str, Stateful] = {"outer": self.outer} if self.outer is not None else {}
         if self.quorum is not None:

@@ -38,7 +38,7 @@ from cocodc.config import Config
 from cocodc.data import ClientShards, ShardLoader
 from cocodc.devices import DeviceProfiles
 from cocodc.federated.clients import executor_of
-from cocodc.modes.federated import FAULTS_ENV, parse_faults
+from cocodc.modes.faults import FAULTS_ENV, parse_faults
 from cocodc.split.plan import activation_arrivals, gradients_back, on_worker, per_sequence_s, regulate_batches
 from cocodc.topology import Topology
 from cocodc.trainer import Stateful, Trainer, autocast_for, inner_optimizer, lr_at
@@ -108,7 +108,8 @@ class SplitMode:
         self.layers = len(model.blocks)
         self.profiles = DeviceProfiles.draw(sp.workers, config.seed, config.devices)
         # head_nan: a u-shaped worker's head turns its loss to NaN.
-        self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""), ("raise", "nan", "head_nan"))
+        faults = parse_faults(os.environ.get(FAULTS_ENV, ""), {"raise": False, "nan": False, "head_nan": False})
+        self.faults = {worker: kind for worker, (kind, _) in faults.items()}
         total = sp.workers * config.train.batch_size
         self.sizes = [config.train.batch_size] * sp.workers
         self.regulated: dict[str, Any] | None = None  # the regulation's inputs, until logged
