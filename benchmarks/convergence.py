@@ -7,7 +7,7 @@ final eval loss, over overlaps, seeds and data splits (DESIGN section 6).
 Every cell is a real training run of the config (gloo, one process per region). The cells run
 inside one torchrun job per data split, one after another, so the processes start once; a cell
 whose run directory already holds a summary for the same config is not run again, so an
-interrupted sweep continues where it stopped.
+interrupted sweep continues where it stopped (and runs copied from another sweep's --out count).
 
 Per split, tau and seed (paired: every method against the same seed's Streaming run), the target
 is the final eval loss of the better Streaming DiLoCo variant (alpha 0 or 0.5, by median over
@@ -36,7 +36,12 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from cocodc.config import Config
+
+COCODC = ["sync.method=cocodc", "sync.alpha=0.5"]
 # Name -> overrides. Methods without overlap run once per seed and split, not once per tau.
 METHODS: dict[str, list[str]] = {
     "ddp": ["sync.method=ddp"],
@@ -45,14 +50,16 @@ METHODS: dict[str, list[str]] = {
     "streaming a=0.5": ["sync.method=streaming", "sync.alpha=0.5"],
     # CoCoDC: "cocodc a=0.5" is its default configuration (alpha written out so that the label
     # says it), "cocodc a=0" the compensated merge without the mix, "replay a=0.5" the mix with
-    # lambda 0 (no compensation).
-    "replay a=0.5": ["sync.method=cocodc", "sync.dc_lambda=0", "sync.alpha=0.5"],
+    # lambda 0 (no compensation: w = 0 under any rule; the running one's, as when it was first run).
+    "replay a=0.5": [*COCODC, "sync.dc_lambda=0", "sync.dc_normaliser=running"],
     "cocodc a=0": ["sync.method=cocodc", "sync.alpha=0.0"],
     "cocodc a=0.5": ["sync.method=cocodc", "sync.alpha=0.5"],
-    # The per-tensor normaliser (scale-free at every apply, w capped below 1), and the running one
-    # over a short horizon (decay 0.5 rather than 0.99: its first value is the first sample).
-    "cocodc-tensor a=0.5": ["sync.method=cocodc", "sync.alpha=0.5", "sync.dc_normaliser=tensor"],
-    "cocodc-short a=0.5": ["sync.method=cocodc", "sync.alpha=0.5", "sync.dc_beta=0.5"],
+    # The other weight rules: the running normaliser (the default before the AdamW rule), the same
+    # over a short horizon (decay 0.5: its first value is the first sample), and the per-tensor
+    # normaliser (scale-free at every apply, w capped below 1).
+    "cocodc-running a=0.5": [*COCODC, "sync.dc_normaliser=running", "sync.dc_lambda=0.5"],
+    "cocodc-short a=0.5": [*COCODC, "sync.dc_normaliser=running", "sync.dc_lambda=0.5", "sync.dc_beta=0.5"],
+    "cocodc-tensor a=0.5": [*COCODC, "sync.dc_normaliser=tensor", "sync.dc_lambda=0.5"],
     # The adaptive schedule at the sweep's tau, and with the link's idle share (its own tau, up to
     # the sweep's): not in the default sweep; worth running on a link where the schedule matters.
     "cocodc adaptive a=0.5": [
@@ -116,10 +123,20 @@ def same_bytes_cells(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
     return extra
 
 
-def worker(plan_file: str) -> None:
-    """Under torchrun: run every cell of the plan in this process group, skipping finished ones."""
+def finished(config: Config) -> bool:
+    """The run directory holds a finished run of this config. Where a run lives (the `run`
+    section) is not part of what it ran, so a sweep's runs copied to another --out count."""
     import yaml
 
+    if not (config.run_dir / "summary.json").is_file():
+        return False
+    stored = yaml.safe_load((config.run_dir / "config.yaml").read_text())
+    wanted = yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return {**stored, "run": None} == {**wanted, "run": None}
+
+
+def worker(plan_file: str) -> None:
+    """Under torchrun: run every cell of the plan in this process group, skipping finished ones."""
     from cocodc import train
     from cocodc.config import load_config
     from cocodc.topology import shutdown
@@ -128,11 +145,7 @@ def worker(plan_file: str) -> None:
     try:
         for cell in plan["cells"]:
             config = load_config(plan["config"], [*cell["set"], f"run.dir={plan['runs']}", f"run.name={cell['name']}"])
-            run_dir = config.run_dir
-            done = (run_dir / "summary.json").is_file() and yaml.safe_load(
-                (run_dir / "config.yaml").read_text()
-            ) == yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
-            if not done:
+            if not finished(config):
                 train.run(config, overwrite=True)
     finally:
         shutdown()

@@ -201,7 +201,9 @@ def whole_sync_vs_inner_step(config_file: str, device: str, repeats: int) -> dic
     step_s = median_s(inner_step, device, repeats)
     optimizer.state.clear()  # frees AdamW's moments for the outer sync's buffers
     fragments = max(1, config.model.n_layers // 6)
-    sync = SyncConfig(method="cocodc", sync_every=100 * fragments, fragments=fragments, quantize="e3m0")
+    sync = SyncConfig(
+        method="cocodc", sync_every=100 * fragments, fragments=fragments, quantize="e3m0", dc_normaliser="running"
+    )
     outer = OuterSync(model, sync)
     weights = [1.0] * config.topology.regions
     for flat in outer.flat:  # the momentum and normaliser as after a few syncs

@@ -34,6 +34,7 @@ RESUME_KEYS = (
     "sync.delay",
     "sync.schedule",
     "sync.dc_adaptive",
+    "sync.dc_normaliser",
     "mode",
     "data.source",
     "data.tokenizer",

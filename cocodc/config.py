@@ -81,15 +81,18 @@ class SyncConfig:
     # 0.5 for cocodc (benchmarks/convergence.py chose it).
     alpha: float | None = None
     quantize: Literal["fp32", "bf16", "fp8", "int8", "e3m0"] = "fp32"  # pseudo-gradients on the wire
-    # cocodc: theta <- theta_g + delta - w * (theta_g - theta_send), w = dc_lambda * delta^2, or with
-    # dc_adaptive that over a running mean (decay dc_beta) of delta^2, clamped to [0, 1]; then the alpha mix.
-    dc_lambda: float = 0.5
+    # cocodc: theta <- theta_g + delta - w * (theta_g - theta_send), then the alpha mix; w per element
+    # is dc_lambda * delta^2 without dc_adaptive, or by dc_normaliser: "adam", dc_lambda * tau * lr *
+    # sqrt(v) with v the inner AdamW's bias-corrected second moment (the Taylor term with the
+    # curvature AdamW tracks; capped at 0.9); "running", dc_lambda * delta^2 over a running mean
+    # (decay dc_beta) of delta^2, clamped to 1; "tensor", over this apply's mean(delta^2) per tensor
+    # (scale-free at every apply: w = dc_lambda where all moved alike; capped at 0.9).
+    # dc_lambda unset: 3000 for "adam" (it multiplies a gradient's size; benchmarks/convergence.py
+    # chose it), 0.5 for the others.
+    dc_lambda: float | None = None
     dc_adaptive: bool = True
     dc_beta: float = 0.99
-    # The adaptive normaliser: "running", the running mean above (w clamped to 1); "tensor", this
-    # apply's mean(delta^2) per tensor, scale-free at every apply (w = lambda where all moved alike,
-    # capped at 0.9).
-    dc_normaliser: Literal["running", "tensor"] = "running"
+    dc_normaliser: Literal["adam", "running", "tensor"] = "adam"
     # adaptive: each slot syncs the fragment with the largest drift (none unsynced > max_staleness
     # steps; 0: 2 H) and, with adaptive_delay, picks its tau from the measured step and transfer times.
     schedule: Literal["round_robin", "adaptive"] = "round_robin"
@@ -98,6 +101,13 @@ class SyncConfig:
     # The adaptive schedule's share of the link: where the measured transfers leave the link idle,
     # a slot carries as many fragments as fit in this share of its time (0: one a slot).
     link_share: float = 0.0
+
+    @property
+    def compensation_lambda(self) -> float:
+        """dc_lambda, or its default for the weight rule."""
+        if self.dc_lambda is not None:
+            return self.dc_lambda
+        return 3000.0 if self.dc_adaptive and self.dc_normaliser == "adam" else 0.5
 
     @property
     def mix(self) -> float:
@@ -477,7 +487,7 @@ def validate(config: Config) -> None:
             f"config key 'sync.max_staleness' ({s.max_staleness}) must be at least sync.sync_every "
             f"({s.sync_every}), or 0 (2 x sync_every): one fragment a slot syncs each every sync_every steps at best"
         )
-    if s.dc_lambda < 0:
+    if s.dc_lambda is not None and s.dc_lambda < 0:
         raise ConfigError(f"config key 'sync.dc_lambda' must not be negative; got {s.dc_lambda}")
     if not 0 <= s.dc_beta < 1:
         raise ConfigError(f"config key 'sync.dc_beta' must lie in [0, 1); got {s.dc_beta}")

@@ -50,9 +50,12 @@ def label(config: dict) -> str:
     method = sync["method"]
     if method in ("ddp", "diloco"):
         return method
-    parts = [method, f"P={sync['fragments']}", f"tau={sync['delay']}", f"alpha={SyncConfig(**sync).mix:g}"]
+    # A run from before dc_normaliser was written down used the running normaliser.
+    settings = SyncConfig(**{"dc_normaliser": "running", **sync})
+    parts = [method, f"P={sync['fragments']}", f"tau={sync['delay']}", f"alpha={settings.mix:g}"]
     if method == "cocodc":
-        parts.append(f"lambda={sync['dc_lambda']:g}{' adaptive' if sync['dc_adaptive'] else ''}")
+        rule = settings.dc_normaliser if settings.dc_adaptive else "constant"
+        parts.append(f"lambda={settings.compensation_lambda:g} {rule}")
     if sync.get("schedule") == "adaptive":
         parts.append("adaptive schedule")
     if sync.get("quantize", "fp32") != "fp32":

@@ -17,7 +17,11 @@ def save_complete(root, step, config, world_size=1, keep=2):
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("sync.schedule=adaptive", "sync.schedule"), ("sync.dc_adaptive=false", "sync.dc_adaptive")],
+    [
+        ("sync.schedule=adaptive", "sync.schedule"),
+        ("sync.dc_adaptive=false", "sync.dc_adaptive"),
+        ("sync.dc_normaliser=running", "sync.dc_normaliser"),
+    ],
 )
 def test_resume_refuses_a_changed_schedule_or_normaliser(tmp_path, override, key):
     # Both change what the outer sync keeps in its state: a resume must name the key, not fail

@@ -194,7 +194,15 @@ def _two_regions_worker(rank: int, store: str, backend: str, results) -> None:
     with gloo_group(rank, store):
         torch.manual_seed(0)
         model = Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2), vocab_size=16, max_seq_len=8).to(DEVICE)
-        config = SyncConfig(method="cocodc", sync_every=4, fragments=2, delay=1, schedule="adaptive", quantize="e3m0")
+        config = SyncConfig(
+            method="cocodc",
+            sync_every=4,
+            fragments=2,
+            delay=1,
+            schedule="adaptive",
+            quantize="e3m0",
+            dc_normaliser="running",
+        )
         outer = OuterSync(model, config, group=torch.distributed.group.WORLD)
         for step in range(1, 13):
             with torch.no_grad():

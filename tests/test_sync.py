@@ -168,8 +168,16 @@ def _drift(model: nn.Module, step: int) -> None:
     "config",
     [
         SyncConfig(method="streaming", sync_every=4, fragments=2, delay=1, alpha=0.5),
-        SyncConfig(method="cocodc", sync_every=4, fragments=2, delay=1, alpha=0.5),
-        SyncConfig(method="cocodc", sync_every=4, fragments=2, delay=1, schedule="adaptive", adaptive_delay=False),
+        SyncConfig(method="cocodc", sync_every=4, fragments=2, delay=1, alpha=0.5, dc_normaliser="running"),
+        SyncConfig(
+            method="cocodc",
+            sync_every=4,
+            fragments=2,
+            delay=1,
+            schedule="adaptive",
+            adaptive_delay=False,
+            dc_normaliser="running",
+        ),
     ],
     ids=["streaming", "cocodc", "cocodc-adaptive-schedule"],
 )
@@ -252,7 +260,9 @@ def test_streaming_and_diloco_under_the_link_model(tmp_path):
 def _lookahead_worker(rank: int, store: str, results) -> None:
     with gloo_group(rank, store):
         model = _streaming_model()  # 2 blocks: P = 2, K = 4, tau up to 7 (lookahead 1)
-        config = SyncConfig(method="cocodc", sync_every=8, fragments=2, delay=6, schedule="adaptive")
+        config = SyncConfig(
+            method="cocodc", sync_every=8, fragments=2, delay=6, schedule="adaptive", dc_normaliser="running"
+        )
         outer = OuterSync(model, config, group=dist.group.WORLD)
         most_in_flight = 0
         for step in range(1, 41):
@@ -457,12 +467,20 @@ def test_link_share_sends_what_fits_and_keeps_streaming_cadence_on_a_slow_link()
 def test_an_idle_link_carries_several_fragments_a_slot():
     # One region: transfers take about a step, so the link is mostly idle and the fragments that
     # drifted since the numbers were measured ride along; each is sent and applied exactly once.
-    config = SyncConfig(method="cocodc", sync_every=8, fragments=4, delay=1, schedule="adaptive", link_share=1.0)
+    config = SyncConfig(
+        method="cocodc",
+        sync_every=8,
+        fragments=4,
+        delay=1,
+        schedule="adaptive",
+        link_share=1.0,
+        dc_normaliser="running",
+    )
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layers=4, d_model=16, n_heads=2), vocab_size=16, max_seq_len=8)
     outer = OuterSync(model, config, CommEngine(None))
     for step in range(1, 25):
-        time.sleep(0.001)  # a measurable step time
+        time.sleep(0.01)  # a step time well above a transfer within one process, even on a loaded machine
         _drift(model, step)
         outer.step()
     records = outer.pop_records()
@@ -568,7 +586,9 @@ def _cuda_steps(outer: OuterSync, model: nn.Module, steps: range) -> None:
 def test_adaptive_cocodc_on_cuda_resumes_from_a_cpu_checkpoint():
     # The telemetry rides along with a payload on the device; a checkpoint is loaded onto the CPU
     # and what was in flight must return to the device for the merge.
-    config = SyncConfig(method="cocodc", sync_every=4, fragments=2, delay=1, schedule="adaptive")
+    config = SyncConfig(
+        method="cocodc", sync_every=4, fragments=2, delay=1, schedule="adaptive", dc_normaliser="running"
+    )
     model = _streaming_model().cuda()
     outer = OuterSync(model, config, CommEngine(None))
     _cuda_steps(outer, model, range(1, 6))
@@ -624,6 +644,74 @@ def test_per_tensor_normaliser_over_many_applies_stays_near_lambda_and_below_one
         w_mean, capped = merge_compensated(live, global_, [sent], 0.5, per_tensor=True)
         assert 0.3 < w_mean <= 0.5 and capped < 0.3  # the cap only lowers the mean from lambda
         assert merge_compensated(steady, global_, [sent], 0.5, per_tensor=True) == pytest.approx((0.5, 0.0))
+
+
+def test_adam_weight_by_hand():
+    # w = min(lambda * c, 0.9) per element with c given: lambda 2, c = [0.125, 0.25, 1] -> w = [0.25, 0.5, 0.9].
+    # delta = live - sent = [0.5, 0, 1]; global - sent = [-0.5, -1, 2]; theta = global + delta - w * (global - sent).
+    live = [torch.tensor([1.0, 2.0, 3.0])]
+    new, sent, curvature = (
+        torch.tensor([0.0, 1.0, 4.0]),
+        torch.tensor([0.5, 2.0, 2.0]),
+        torch.tensor([0.125, 0.25, 1.0]),
+    )
+    stats = merge_compensated(live, [new], [sent], 2.0, curvature=[curvature])
+    assert live[0].tolist() == [0.625, 1.5, torch.tensor(5.0 - 0.9 * 2.0).item()]
+    assert stats == pytest.approx(((0.25 + 0.5 + 0.9) / 3, 1 / 3))
+    live = [torch.tensor([1.0, 2.0, 3.0])]
+    merge_compensated(live, [new], [sent], 0.0, curvature=[curvature])
+    assert live[0].tolist() == [0.5, 1.0, 5.0]  # lambda 0: replay, whatever the curvature
+
+
+def test_adam_weight_reads_the_inner_adamw():
+    # One region, H = 4, tau = 2: sent after step 2, applied after step 4. At the apply, c = tau *
+    # lr * sqrt(v_hat) per element from AdamW's state (bias-corrected after 4 steps), and the merge
+    # (alpha 0) is global + delta - min(lambda c, 0.9) (global - sent).
+    torch.manual_seed(0)
+    module = nn.Linear(4, 3, bias=False)
+    config = SyncConfig(method="cocodc", sync_every=4, delay=2, alpha=0.0, dc_lambda=2.0)
+    assert config.dc_normaliser == "adam"
+    outer = OuterSync(module, config, CommEngine(None))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, betas=(0.9, 0.95))
+    seen = {}
+
+    def before_the_sync(*_):  # registered first, so it runs before the sync's hook
+        if outer.inner_step == 1:
+            seen["sent"] = module.weight.detach().clone()
+        if outer.inner_step == 3:
+            state = optimizer.state[module.weight]
+            v_hat = state["exp_avg_sq"] / (1 - 0.95 ** state["step"].item())
+            seen.update(live=module.weight.detach().clone(), c=2 * 0.1 * v_hat.sqrt())
+
+    optimizer.register_step_post_hook(before_the_sync)
+    outer.attach(optimizer)
+    for _ in range(4):
+        optimizer.zero_grad()
+        module(torch.randn(8, 4)).square().sum().backward()
+        optimizer.step()
+    (record,) = [r for r in outer.pop_records() if r["kind"] == "sync"]
+    assert (record["send_step"], record["apply_step"]) == (2, 4)
+    w = (2.0 * seen["c"]).clamp(max=0.9)
+    global_, sent = outer.global_params[0][0], seen["sent"]
+    expected = global_ + (seen["live"] - sent) - w * (global_ - sent)
+    assert torch.allclose(module.weight.detach(), expected, atol=1e-6)
+    assert record["w_mean"] == pytest.approx(w.mean().item(), rel=1e-5)
+    assert 0 < record["w_mean"] < 0.9
+
+
+def test_adam_weight_needs_the_inner_optimizer():
+    module = scalar_module(1.0)
+    outer = OuterSync([module], SyncConfig(method="cocodc", sync_every=2, delay=1), CommEngine(None))
+    outer.step()
+    with pytest.raises(RuntimeError, match=r"attach\(optimizer\)"):
+        outer.step()
+
+
+def test_compensation_lambda_defaults_by_rule():
+    assert SyncConfig(method="cocodc").compensation_lambda == 3000.0
+    assert SyncConfig(method="cocodc", dc_normaliser="running").compensation_lambda == 0.5
+    assert SyncConfig(method="cocodc", dc_adaptive=False).compensation_lambda == 0.5
+    assert SyncConfig(method="cocodc", dc_lambda=0.0).compensation_lambda == 0.0
 
 
 def test_fragments_live_in_flat_buffers():

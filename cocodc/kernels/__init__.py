@@ -107,13 +107,15 @@ def outer_apply(
     `first`: the momentum starts as grad, as torch.optim.SGD's does); then the merge into `live`:
     "replace" (live <- global_), "lerp" (`merge_alpha`, `alpha`) or "compensate"
     (`merge_compensated` with `sent`, `dc_lambda`, `alpha`, and `normaliser` updated first with
-    `beta`, or normalised per tensor of the sizes in `per_tensor`). Keywords as
+    `beta`, or normalised per tensor of the sizes in `per_tensor`, or w from `curvature`; that
+    last rule runs the reference on every device: the fused pass does not take it). Keywords as
     `reference.outer_apply`. Returns w's mean and the fraction of elements at its cap
     ("compensate"; else zeros).
     """
     ops = _kernels_for(global_)
-    if ops is None:
+    if ops is None or options.get("curvature") is not None:
         return reference.outer_apply(grad, global_, momentum, live, **options)
+    options.pop("curvature", None)
     per_tensor = options.pop("per_tensor", None)
     if options["merge"] != "compensate" or per_tensor is None:
         if options.get("normaliser") is not None:
@@ -128,7 +130,7 @@ def outer_apply(
         means = ops.square_sums(list(zip(views[3], views[4], strict=True))) / counts
         tiny = torch.finfo(torch.float32).tiny
         stats = sum(
-            ops.outer_apply(g, gl, m, li, sent=s, divisor=max(mean, tiny), cap=reference.TENSOR_W_MAX, **options)
+            ops.outer_apply(g, gl, m, li, sent=s, divisor=max(mean, tiny), cap=reference.W_MAX, **options)
             for g, gl, m, li, s, mean in zip(*views, means.tolist(), strict=True)
         )
     w_sum, capped = stats.tolist()

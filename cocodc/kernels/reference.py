@@ -41,8 +41,8 @@ def merge_alpha(live_params: list[torch.Tensor], global_params: list[torch.Tenso
             live.copy_(torch.lerp(new.to(live.dtype), live, alpha))
 
 
-# The per-tensor normaliser's cap on w: at w = 1 an element's outer update would be thrown away.
-TENSOR_W_MAX = 0.9
+# The cap on w of the per-tensor and AdamW rules: at w = 1 an element's outer update would be thrown away.
+W_MAX = 0.9
 
 
 def merge_compensated(
@@ -53,13 +53,15 @@ def merge_compensated(
     alpha: float = 0.0,
     normalisers: list[torch.Tensor] | None = None,
     per_tensor: bool = False,
+    curvature: list[torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """CoCoDC's delay-compensated merge (DESIGN section 3), element-wise per tensor:
 
         delta = live - sent                 what the region did while the fragment was in flight
         w     = lambda * delta^2            (constant), or normalised (adaptive):
         w     = clamp(lambda * delta^2 / v, 0, 1)      v a running mean of delta^2 (`normalisers`), or
-        w     = min(lambda * delta^2 / mean(delta^2), 0.9)   per tensor, this apply's (`per_tensor`)
+        w     = min(lambda * delta^2 / mean(delta^2), 0.9)   per tensor, this apply's (`per_tensor`), or
+        w     = min(lambda * c, 0.9)               c given per element (`curvature`: see OuterSync)
         theta = global + delta - w * (global - sent)
         live <- theta + alpha * (live - theta)
 
@@ -73,11 +75,13 @@ def merge_compensated(
     with torch.no_grad():
         for index, (live, new, sent) in enumerate(zip(live_params, global_params, sent_params, strict=True)):
             delta = live.float() - sent.float()
-            weight = delta.square().mul_(dc_lambda)
+            weight = curvature[index] * dc_lambda if curvature is not None else delta.square().mul_(dc_lambda)
             cap = None
-            if per_tensor:
+            if curvature is not None:
+                cap = W_MAX
+            elif per_tensor:
                 weight.div_(delta.square().mean().clamp_min(tiny))
-                cap = TENSOR_W_MAX
+                cap = W_MAX
             elif normalisers is not None:
                 weight.div_(normalisers[index].clamp_min(tiny)).clamp_(min=0.0)
                 cap = 1.0
@@ -119,6 +123,7 @@ def outer_apply(
     normaliser: torch.Tensor | None = None,
     beta: float = 0.0,
     per_tensor: Sequence[int] | None = None,
+    curvature: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """`cocodc.kernels.outer_apply`'s reference (see there)."""
     outer_sgd_step(global_, momentum, grad, lr, mu, nesterov, first)
@@ -134,4 +139,5 @@ def outer_apply(
     sizes = list(per_tensor) if per_tensor is not None else [live.numel()]
     split = [t.split(sizes) for t in (live, global_, sent)]
     normalisers = [normaliser] if normaliser is not None else None
-    return merge_compensated(*split, dc_lambda, alpha, normalisers, per_tensor is not None)
+    curvatures = list(curvature.split(sizes)) if curvature is not None else None
+    return merge_compensated(*split, dc_lambda, alpha, normalisers, per_tensor is not None, curvatures)

@@ -89,8 +89,11 @@ class RegionsMode:
         return loss, compute_s
 
     def join(self, trainer: Trainer) -> None:
-        """ft: the first quorum. A fresh run waits for every region; a region torchrun restarted
-        (or one resumed behind the others) joins them where they are, healed from one of them."""
+        """The outer sync learns the inner optimizer (CoCoDC's weight reads its second moment).
+        ft: the first quorum. A fresh run waits for every region; a region torchrun restarted (or
+        one resumed behind the others) joins them where they are, healed from one of them."""
+        if self.outer is not None:
+            self.outer.use_optimizer(trainer.optimizer)
         if self.quorum is None:
             return
         self.trainer = trainer

@@ -104,6 +104,8 @@ class OuterSync:
         self.compensate = config.method == "cocodc"
         self.running_normaliser = self.compensate and config.dc_adaptive and config.dc_normaliser == "running"
         self.per_tensor = self.compensate and config.dc_adaptive and config.dc_normaliser == "tensor"
+        self.adam_curvature = self.compensate and config.dc_adaptive and config.dc_normaliser == "adam"
+        self._inner: torch.optim.Optimizer | None = None  # whose second moment the "adam" weight reads
         # Sharded over a region's ranks, a payload is cut and re-assembled, so its tail rides separately.
         self.sharded = intra is not None and intra.size > 1
         # Per fragment, flat: the global copy (the outer optimizer's parameters), the outer
@@ -133,7 +135,12 @@ class OuterSync:
         between boundaries, an AMP step with inf gradients) never reaches the torch optimizer, so
         it is not counted."""
         inner = getattr(optimizer, "optimizer", optimizer)
+        self.use_optimizer(inner)
         return inner.register_step_post_hook(lambda *_: self.step())
+
+    def use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The inner AdamW whose second moment CoCoDC's "adam" weight reads (`attach` sets it too)."""
+        self._inner = optimizer
 
     def step(self) -> None:
         """Account for one inner step just taken; send and apply what the schedule says."""
@@ -361,10 +368,13 @@ class OuterSync:
             merge=merge,
             alpha=config.mix,
             sent=flat.sent,
-            dc_lambda=config.dc_lambda,
+            dc_lambda=config.compensation_lambda,
             normaliser=flat.normaliser,
             beta=0.0 if first else config.dc_beta,
             per_tensor=flat.sizes if self.per_tensor else None,
+            curvature=self._curvature(flat, self.inner_step - pending.slot.send_step)
+            if self.adam_curvature and merge == "compensate"
+            else None,
         )
         self.last_applied[p] = self.inner_step
         self.outer_steps += 1
@@ -388,6 +398,29 @@ class OuterSync:
             }
         )
         return True
+
+    def _curvature(self, flat: FlatFragment, steps: int) -> torch.Tensor:
+        """steps * lr * sqrt(v_hat) per element of the fragment, v_hat the inner AdamW's
+        bias-corrected second moment: how much `steps` AdamW steps change when their starting point
+        moves, to first order, with the curvature taken as the squared gradient that v averages. A
+        parameter the optimizer has not stepped yet gets 0 (replay)."""
+        if self._inner is None:
+            raise RuntimeError(
+                "sync.dc_normaliser 'adam' reads the inner AdamW's second moment: call "
+                "OuterSync.attach(optimizer) or use_optimizer(optimizer) before training"
+            )
+        groups = {param: group for group in self._inner.param_groups for param in group["params"]}
+        parts = []
+        with torch.no_grad():
+            for param in flat.params:
+                state = self._inner.state.get(param, {})
+                if "exp_avg_sq" not in state:
+                    parts.append(torch.zeros(param.numel(), dtype=torch.float32, device=flat.global_.device))
+                    continue
+                group = groups[param]
+                v_hat = state["exp_avg_sq"].float() / (1 - group["betas"][1] ** float(state["step"]))
+                parts.append(v_hat.sqrt_().mul_(float(group["lr"]) * steps).view(-1))
+        return torch.cat(parts)
 
     def pop_records(self) -> list[dict[str, Any]]:
         """Records since the last call: one `sync` per applied fragment, one `decision` per slot
