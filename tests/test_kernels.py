@@ -126,6 +126,7 @@ def fragment_state(numel: int, seed: int) -> dict[str, torch.Tensor]:
         "live": base + torch.randn(numel, generator=g) * 0.02,
         "sent": base + torch.randn(numel, generator=g) * 0.01,
         "normaliser": torch.rand(numel, generator=g) * 1e-4,
+        "curvature": torch.rand(numel, generator=g) * 0.4,
     }
 
 
@@ -139,6 +140,7 @@ VARIANTS = {
     "compensate-running": {"merge": "compensate", "alpha": 0.5, "dc_lambda": 0.5, "normaliser": True, "beta": 0.9},
     "compensate-running-first": {"merge": "compensate", "dc_lambda": 2.0, "normaliser": True, "beta": 0.0},
     "compensate-per-tensor": {"merge": "compensate", "alpha": 0.5, "dc_lambda": 0.5, "per_tensor": [700, 1, 1385]},
+    "compensate-adam": {"merge": "compensate", "alpha": 0.5, "dc_lambda": 3.0, "curvature": True},
 }
 
 
@@ -148,8 +150,9 @@ def test_outer_step_and_merge(variant):
     tensors = fragment_state(2086, 7)
     if options["mu"] == 0.0:
         tensors["momentum"] = None
-    if not options.pop("normaliser", False):
-        tensors["normaliser"] = None
+    for optional in ("normaliser", "curvature"):
+        if not options.pop(optional, False):
+            tensors[optional] = None
     if options["merge"] != "compensate":
         tensors["sent"] = None
     ref = {k: v.clone() if v is not None else None for k, v in tensors.items()}

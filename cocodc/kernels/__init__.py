@@ -107,19 +107,19 @@ def outer_apply(
     `first`: the momentum starts as grad, as torch.optim.SGD's does); then the merge into `live`:
     "replace" (live <- global_), "lerp" (`merge_alpha`, `alpha`) or "compensate"
     (`merge_compensated` with `sent`, `dc_lambda`, `alpha`, and `normaliser` updated first with
-    `beta`, or normalised per tensor of the sizes in `per_tensor`, or w from `curvature`; that
-    last rule runs the reference on every device: the fused pass does not take it). Keywords as
-    `reference.outer_apply`. Returns w's mean and the fraction of elements at its cap
+    `beta`, or normalised per tensor of the sizes in `per_tensor`, or w from `curvature`).
+    Keywords as `reference.outer_apply`. Returns w's mean and the fraction of elements at its cap
     ("compensate"; else zeros).
     """
     ops = _kernels_for(global_)
-    if ops is None or options.get("curvature") is not None:
+    if ops is None:
         return reference.outer_apply(grad, global_, momentum, live, **options)
-    options.pop("curvature", None)
     per_tensor = options.pop("per_tensor", None)
     if options["merge"] != "compensate" or per_tensor is None:
         if options.get("normaliser") is not None:
             options["cap"] = 1.0
+        elif options.get("curvature") is not None:
+            options["cap"] = reference.W_MAX
         stats = ops.outer_apply(grad, global_, momentum, live, **options)
     else:
         # The per-tensor mean of delta^2 is a reduction ahead of the one pass, so that pass runs per tensor.

@@ -265,7 +265,7 @@ def square_sums(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 # Outer-step variants (constexpr ids).
 NO_MOMENTUM, HEAVY_BALL, NESTEROV = 0, 1, 2
 REPLACE, LERP, COMPENSATE = 0, 1, 2
-CONSTANT, RUNNING, DIVISOR = 0, 1, 2
+CONSTANT, RUNNING, DIVISOR, CURVATURE = 0, 1, 2, 3
 
 
 @triton.jit
@@ -279,7 +279,7 @@ def _lerp(start, end, weight):
 
 @triton.jit
 def _outer_apply_kernel(
-    grad, glob, buf, live, sent, norm, stats, numel,
+    grad, glob, buf, live, sent, norm, curv, stats, numel,
     lr, mu, alpha, lam, keep, divisor, cap,
     MOMENTUM: tl.constexpr, FIRST: tl.constexpr, MERGE: tl.constexpr, NORMALISE: tl.constexpr,
     CAPPED: tl.constexpr, TILE: tl.constexpr,
@@ -315,6 +315,8 @@ def _outer_apply_kernel(
             w = tl.maximum(tl.math.div_rn(w, tl.maximum(v, 1.1754943508222875e-38)), 0.0)
         elif NORMALISE == 2:
             w = tl.math.div_rn(w, divisor)
+        elif NORMALISE == 3:
+            w = tl.load(curv + i, mask=inside, other=0.0) * lam
         at_cap = tl.zeros_like(w)
         if CAPPED:
             at_cap = (w >= cap).to(tl.float32)
@@ -342,19 +344,27 @@ def outer_apply(
     normaliser: torch.Tensor | None = None,
     beta: float = 0.0,
     divisor: float | None = None,
+    curvature: torch.Tensor | None = None,
     cap: float | None = None,
 ) -> torch.Tensor:
     """One pass: the outer step of global_ (and its momentum), then the merge into live ("replace",
-    "lerp" or "compensate", with the running normaliser's update or a per-tensor divisor).
+    "lerp" or "compensate", with the running normaliser's update, a per-tensor divisor, or w from
+    the per-element `curvature`).
     Returns [sum of w, elements at the cap], on the device (zeros unless compensating)."""
     numel = global_.numel()
     programs = triton.cdiv(numel, TILE)
     stats = torch.zeros(programs, 2, dtype=torch.float32, device=global_.device)
     kind = NO_MOMENTUM if momentum is None else NESTEROV if nesterov else HEAVY_BALL
-    normalise = RUNNING if normaliser is not None else DIVISOR if divisor is not None else CONSTANT
+    normalise = (
+        RUNNING if normaliser is not None
+        else DIVISOR if divisor is not None
+        else CURVATURE if curvature is not None
+        else CONSTANT
+    )  # fmt: skip
     _outer_apply_kernel[(programs,)](
         grad, global_, momentum if momentum is not None else global_, live,
-        sent if sent is not None else global_, normaliser if normaliser is not None else global_, stats, numel,
+        sent if sent is not None else global_, normaliser if normaliser is not None else global_,
+        curvature if curvature is not None else global_, stats, numel,
         lr, mu, alpha, dc_lambda, 1.0 - beta, divisor if divisor is not None else 1.0, cap if cap is not None else 0.0,
         MOMENTUM=kind, FIRST=first, MERGE={"replace": REPLACE, "lerp": LERP, "compensate": COMPENSATE}[merge],
         NORMALISE=normalise, CAPPED=cap is not None, TILE=TILE, **_LAUNCH,
