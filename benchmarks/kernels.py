@@ -15,6 +15,8 @@ The operations, on one fragment of N fp32 values:
   mean     decode + fp32 weighted mean of 4 regions' e3m0 payloads
   outer    outer Nesterov step + CoCoDC merge (running normaliser): read grad, global, momentum,
            live, theta_send, normaliser; write global, momentum, live, normaliser
+  adam     the same with the AdamW weight (the default): read grad, global, momentum, live,
+           theta_send and the per-element curvature; write global, momentum, live
   stream   outer Nesterov step + Streaming DiLoCo's lerp merge
   drift    the square sum of global - live (the adaptive schedule's drift)
 """
@@ -53,6 +55,7 @@ BYTES_PER_ELEMENT = {
     "encode": lambda n: 8 + payload_bytes(n),
     "mean": lambda n: REGIONS * payload_bytes(n) + 4,
     "outer": lambda n: 6 * 4 + 4 * 4,
+    "adam": lambda n: 6 * 4 + 3 * 4,
     "stream": lambda n: 4 * 4 + 3 * 4,
     "drift": lambda n: 8,
 }
@@ -72,7 +75,7 @@ def buffers(n: int, device: str) -> dict[str, torch.Tensor]:
         row[:code_bytes] = CODEC.encode(draw(0.01))
     return {
         "grad": draw(1e-3), "global_": base, "momentum": draw(1e-3), "live": live, "sent": live + draw(1e-3),
-        "normaliser": draw(1e-4).abs(), "rows": rows,
+        "normaliser": draw(1e-4).abs(), "curvature": draw(1e-4).abs(), "rows": rows,
     }  # fmt: skip
 
 
@@ -93,6 +96,9 @@ def operations(b: dict[str, torch.Tensor], n: int) -> dict[str, Callable[[], obj
             beta=0.9,
             **OUTER_OPTIONS,
         ),  # fmt: skip
+        "adam": lambda: kernels.outer_apply(
+            **state, merge="compensate", sent=b["sent"], dc_lambda=3000.0, curvature=b["curvature"], **OUTER_OPTIONS
+        ),
         "stream": lambda: kernels.outer_apply(**state, merge="lerp", **OUTER_OPTIONS),
         "drift": lambda: kernels.square_sums([(b["global_"], b["live"])]),
     }
@@ -111,6 +117,12 @@ def reference_for_compile(b: dict[str, torch.Tensor], n: int) -> dict[str, Calla
         theta = b["global_"] + delta - w * (b["global_"] - b["sent"])
         b["live"].copy_(torch.lerp(theta, b["live"], 0.5))
 
+    def adam() -> None:
+        outer_sgd_step(b["global_"], b["momentum"], b["grad"], 0.7, 0.9, True, False)
+        w = (b["curvature"] * 3000.0).clamp(max=0.9)
+        theta = b["global_"] + (b["live"] - b["sent"]) - w * (b["global_"] - b["sent"])
+        b["live"].copy_(torch.lerp(theta, b["live"], 0.5))
+
     def stream() -> None:
         outer_sgd_step(b["global_"], b["momentum"], b["grad"], 0.7, 0.9, True, False)
         b["live"].copy_(torch.lerp(b["global_"], b["live"], 0.5))
@@ -123,6 +135,7 @@ def reference_for_compile(b: dict[str, torch.Tensor], n: int) -> dict[str, Calla
         "encode": lambda: CODEC.encode(b["global_"] - b["live"]),
         "mean": mean,
         "outer": outer,
+        "adam": adam,
         "stream": stream,
         "drift": lambda: (b["global_"] - b["live"]).square().sum(),
     }
