@@ -10,15 +10,22 @@ whose run directory already holds a summary for the same config is not run again
 interrupted sweep continues where it stopped (and runs copied from another sweep's --out count).
 
 Per split, tau and seed (paired: every method against the same seed's Streaming run), the target
-is the final eval loss of the better Streaming DiLoCo variant (alpha 0 or 0.5, by median over
-seeds); steps-to-target is the first eval step at or below it, and the reduction is
+is the final eval loss of the better Streaming DiLoCo variant (alpha 0 or 0.5 of those run, by
+median over seeds); steps-to-target is the first eval step at or below it, and the reduction is
 1 - steps_method / steps_streaming; medians are over seeds, a seed that never reaches the target
 counting as the slowest. The whole curve counts too: the worst lag is the largest eval-loss lead
 of that Streaming run over the method at any eval after the first sync. A method that sends more
 than Streaming DiLoCo (the adaptive schedule with `sync.link_share`) also meets Streaming DiLoCo
 at the smaller H that sends as many bytes (a second pass runs those cells). Streaming with the
-least overlap is also judged against the larger overlaps' targets ("streaming a=0.5 at tau 1"):
-that is what a perfect delay compensation would reach.
+least overlap is also judged against the larger overlaps' targets, as every overlapping method
+is: as it ran ("cocodc a=0.5 at tau 1": its merge with no delay at all), and "perfectly
+compensated": the same run with its fragments arriving tau - 1 steps later, each carrying the
+same pseudo-gradient, so that the regions train as without the delay while the global copy (what
+is evaluated) holds only what has arrived: an estimate of the most a compensation of the delay
+can reach. It models the steady state (over the first round it trails the real runs, whose
+first pseudo-gradients span longer windows: the schedule skips the slots that would send before
+step 1), so it has no lag of its own, nor a wall-clock; `--bound-every 1` makes the runs at the
+smallest tau eval every step, so that the delayed curve is sampled at every step.
 
 Writes convergence.md (medians and spreads over seeds), convergence.csv (every cell) and one plot
 per split and tau: eval loss against inner steps, and against wall-clock under the config's link
@@ -80,6 +87,8 @@ def cell(args: argparse.Namespace, split: str, seed: int, method: str, tau: int,
     name = f"{split}-seed{seed}-{label.replace(' ', '').replace('=', '')}-tau{tau}"
     settings = METHODS[method] if every is None else [*METHODS["streaming a=0.5"], f"sync.sync_every={every}"]
     settings = [*settings, f"seed={seed}", f"data.split={split}", f"sync.delay={tau}", *args.set]
+    if args.bound_every and method not in NO_OVERLAP and tau == min(args.taus) < max(args.taus):
+        settings.append(f"eval.every={args.bound_every}")
     return {"name": name, "method": method, "tau": tau, "seed": seed, "split": split, "set": settings, "every": every}
 
 
@@ -182,6 +191,18 @@ def bound(method: str, tau: int) -> str:
     return f"{method} at tau {tau}"
 
 
+def compensated(method: str) -> str:
+    return f"{method} perfectly compensated"
+
+
+def arriving_later(points: list[tuple[int, float]], shift: int) -> list[tuple[int, float]]:
+    """The eval curve of a run whose fragments arrive `shift` steps later than they did, every one
+    carrying the same pseudo-gradient: its global copy at step t is this run's at t - shift, and
+    its final eval (after the last fragments are drained) is this run's final one."""
+    *inner, (last, final) = points
+    return [(step + shift, loss) for step, loss in inner if step + shift < last] + [(last, final)]
+
+
 def worst_gap(points: list[tuple[int, float]], reference: list[tuple[int, float]], after: int) -> float:
     """The largest eval-loss lead of `reference` over `points` at the evals both made after `after`."""
     theirs = dict(reference)
@@ -202,29 +223,39 @@ def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
         c["bytes"] = bytes_sent(args, c)
     rows = []
     for cell in plan:
-        judged = [(cell["method"], tau) for tau in (args.taus if cell["method"] in NO_OVERLAP else [cell["tau"]])]
-        if cell["method"] in STREAMING and cell["tau"] == min(args.taus):
-            # Streaming with the least overlap, judged against the targets of the larger overlaps:
-            # what a perfect delay compensation could reach at most.
-            judged += [(bound(cell["method"], cell["tau"]), tau) for tau in args.taus if tau != cell["tau"]]
+        # (label, tau judged at, steps its fragments arrive later than they did in this run)
+        taus = args.taus if cell["method"] in NO_OVERLAP else [cell["tau"]]
+        judged = [(cell["method"], tau, 0) for tau in taus]
+        if cell["method"] not in NO_OVERLAP and cell["method"] != SAME_BYTES and cell["tau"] == min(args.taus):
+            # A method with the least overlap, judged against the targets of the larger overlaps:
+            # as it is (no delay at all), and with its fragments arriving at the larger overlap
+            # (what a perfect compensation reaches: the regions train as without the delay, but
+            # the global copy holds only what has arrived).
+            for tau in args.taus:
+                if tau != cell["tau"]:
+                    judged += [(bound(cell["method"], cell["tau"]), tau, 0),
+                               (compensated(cell["method"]), tau, tau - cell["tau"])]  # fmt: skip
         if cell["method"] == SAME_BYTES:
-            judged = [(f"streaming a=0.5 at H={cell['every']}", cell["tau"])]
-        for method, tau in judged:
+            judged = [(f"streaming a=0.5 at H={cell['every']}", cell["tau"], 0)]
+        for method, tau, shift in judged:
             group = [c for c in plan if c["split"] == cell["split"] and c["tau"] == tau]
-            best = min(STREAMING, key=lambda m: statistics.median(c["final"] for c in group if c["method"] == m))
-            if method == bound(cell["method"], cell["tau"]) and cell["method"] != best:
+            ran = [m for m in STREAMING if any(c["method"] == m for c in group)]
+            best = min(ran, key=lambda m: statistics.median(c["final"] for c in group if c["method"] == m))
+            if method != cell["method"] and cell["method"] in STREAMING and cell["method"] != best:
                 continue
             reference = next(c for c in group if c["method"] == best and c["seed"] == cell["seed"])
             target = reference["final"]
-            steps, base = steps_to(cell["curve"], target), steps_to(reference["curve"], target)
+            curve = arriving_later(cell["curve"], shift)
+            steps, base = steps_to(curve, target), steps_to(reference["curve"], target)
             first_apply = sync.sync_every // sync.fragments + tau
             row = {
                 "split": cell["split"], "tau": tau, "method": method, "seed": cell["seed"],
                 "final_eval_loss": round(cell["final"], 4), "target": round(target, 4), "reference": best,
                 "steps_to_target": steps, "reference_steps": base,
                 "reduction": None if steps is None else round(1 - steps / base, 4),
-                "seconds_to_target": None if steps is None else round(cell["wall"][steps], 2),
-                "worst_gap": round(worst_gap(cell["curve"], reference["curve"], first_apply), 4),
+                "seconds_to_target": None if steps is None or shift else round(cell["wall"][steps], 2),
+                # The delayed curve is a model of the steady state, not of the first round: no lag of its own.
+                "worst_gap": None if shift else round(worst_gap(curve, reference["curve"], first_apply), 4),
                 "bytes_sent": cell["bytes"], "same_bytes_reduction": None,
             }  # fmt: skip
             if "same_bytes_every" in cell and method == cell["method"]:
@@ -261,7 +292,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                 median = statistics.median_low(reductions)
                 reduction = "not reached" if median == -math.inf else f"{median:+.1%} ({spread(reductions)})"
                 steps = "-" if steps == math.inf else steps
-                gaps = [r["worst_gap"] for r in group]
+                gaps = [r["worst_gap"] for r in group if r["worst_gap"] is not None]
+                lag = f"{statistics.median(gaps):+.4f} ({max(gaps):+.4f})" if gaps else "-"
                 same = [r["same_bytes_reduction"] for r in group if r["same_bytes_reduction"] is not None]
                 same_bytes = f"{statistics.median_low(same):+.1%}" if same else "-"
                 seconds = statistics.median_high(
@@ -270,7 +302,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                 lines.append(
                     f"| {split} | {tau} | {method} | {statistics.median(finals):.4f} ({spread(finals)}) | {steps} | "
                     f"{reduction} | {len(reached)}/{len(group)} | {'-' if seconds == math.inf else seconds} | "
-                    f"{statistics.median(gaps):+.4f} ({max(gaps):+.4f}) | "
+                    f"{lag} | "
                     f"{statistics.median(r['bytes_sent'] for r in group) / 1e6:.1f} | {same_bytes} |"
                 )
     return "\n".join(lines)
@@ -295,6 +327,15 @@ def plots(args: argparse.Namespace, plan: list[dict]) -> None:
             curves = [load_curve(args.out / "runs" / c["name"]) for c in chosen]
             for c, cell in zip(curves, chosen, strict=True):
                 c["label"] = cell["method"]
+            least = min(args.taus)
+            for cell in plan if tau != least else []:
+                if (cell["split"], cell["seed"], cell["tau"], cell["every"]) == (split, args.seeds[0], least, None):
+                    delayed = arriving_later(cell["curve"], tau - least)
+                    curves.append({
+                        "run": cell["name"], "label": compensated(cell["method"]), "unit": "inner step",
+                        "steps": [step for step, _ in delayed], "loss": [loss for _, loss in delayed],
+                        "wall_s": [math.nan] * len(delayed),
+                    })  # fmt: skip
             plot_curves(
                 curves,
                 args.out / f"convergence-{split}-tau{tau}.png",
@@ -311,14 +352,18 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", choices=["iid", "non_iid"], default=["iid", "non_iid"])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every cell")
+    parser.add_argument(
+        "--bound-every", type=int, metavar="STEPS",
+        help="eval every STEPS in the runs at the smallest tau, whose curves, delayed, bound the larger "
+        "overlaps (1: the perfectly compensated rows exact to a step; default: the config's eval.every)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence"))
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
         return
-    missing = [m for m in STREAMING if m not in args.methods]
-    if missing:
-        parser.error(f"the targets come from {', '.join(STREAMING)}: keep them in --methods")
+    if not any(m in args.methods for m in STREAMING):
+        parser.error(f"the targets come from Streaming DiLoCo: keep {' or '.join(STREAMING)} in --methods")
     args.out.mkdir(parents=True, exist_ok=True)
     plan = []
     for split in args.splits:
