@@ -87,7 +87,7 @@ def cell(args: argparse.Namespace, split: str, seed: int, method: str, tau: int,
     name = f"{split}-seed{seed}-{label.replace(' ', '').replace('=', '')}-tau{tau}"
     settings = METHODS[method] if every is None else [*METHODS["streaming a=0.5"], f"sync.sync_every={every}"]
     settings = [*settings, f"seed={seed}", f"data.split={split}", f"sync.delay={tau}", *args.set]
-    if args.bound_every and method not in NO_OVERLAP and tau == min(args.taus) < max(args.taus):
+    if args.bound_every and every is None and method not in NO_OVERLAP and tau == min(args.taus) < max(args.taus):
         settings.append(f"eval.every={args.bound_every}")
     return {"name": name, "method": method, "tau": tau, "seed": seed, "split": split, "set": settings, "every": every}
 
