@@ -61,6 +61,9 @@ METHODS: dict[str, list[str]] = {
     "replay a=0.5": [*COCODC, "sync.dc_lambda=0", "sync.dc_normaliser=running"],
     "cocodc a=0": ["sync.method=cocodc", "sync.alpha=0.0"],
     "cocodc a=0.5": ["sync.method=cocodc", "sync.alpha=0.5"],
+    # The mix around CoCoDC's default (not in the default sweep).
+    "cocodc a=0.25": ["sync.method=cocodc", "sync.alpha=0.25"],
+    "cocodc a=0.75": ["sync.method=cocodc", "sync.alpha=0.75"],
     # The other weight rules: the running normaliser (the default before the AdamW rule), the same
     # over a short horizon (decay 0.5: its first value is the first sample), and the per-tensor
     # normaliser (scale-free at every apply, w capped below 1).
@@ -74,7 +77,7 @@ METHODS: dict[str, list[str]] = {
     ],
     "cocodc link a=0.5": ["sync.method=cocodc", "sync.alpha=0.5", "sync.schedule=adaptive", "sync.link_share=0.5"],
 }  # fmt: skip
-DEFAULT_METHODS = [m for m in METHODS if "adaptive" not in m and "link" not in m]
+DEFAULT_METHODS = [m for m in METHODS if not any(k in m for k in ("adaptive", "link", "a=0.25", "a=0.75"))]
 NO_OVERLAP = {"ddp", "diloco"}
 STREAMING = ("streaming a=0", "streaming a=0.5")
 SAME_BYTES = "streaming a=0.5 same bytes"  # at a smaller H, as many bytes as a method that sends more

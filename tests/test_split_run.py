@@ -148,6 +148,20 @@ def test_a_u_shaped_worker_whose_head_fails_is_left_out(tmp_path):
     assert math.isfinite(summary["final_eval_loss"]) and summary["final_eval_loss"] < summary["initial_eval_loss"]
 
 
+def test_a_failed_head_leaves_the_others_training_as_if_alone(tmp_path):
+    # Worker 1's head fails at every step: the server's middle learns from worker 0's mean loss
+    # alone, so worker 0's model is ordinary training on its own batches.
+    settings = [*EXACT, "split.workers=2", "split.shape=u"]
+    config = load_config(CONFIG, [*BASE, *settings])
+    result = train(tmp_path, "alone", *settings, env={"COCODC_FAULTS": "head_nan:1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    trained = split_parameters(tmp_path / "alone", 4, config)
+    rows = config.train.batch_size
+    expected = ordinary_training(config, [batch[:rows] for batch in worker_batches(config, 2)])
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_is_bit_identical(tmp_path):
     settings = ("split.aggregate_every=2", "split.shape=u", "split.quantize=int8")
     assert train(tmp_path, "straight", *settings).returncode == 0

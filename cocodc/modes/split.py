@@ -324,20 +324,27 @@ class SplitMode:
                         (self.wan.recv(executor[w], tag=w, device=device), self.wan.recv(executor[w], tag=w))
                     )
                 gradients = []
-                for w, (grad_handle, loss_handle), weight, n in zip(members, replies, share, rows, strict=True):
+                for w, (grad_handle, loss_handle), n in zip(members, replies, rows, strict=True):
                     gradient, loss = grad_handle.wait(), loss_handle.wait().item()
                     legs["reply"][w] += grad_handle.bytes_received + loss_handle.bytes_received
                     if gradient.numel() == 0 or not math.isfinite(loss) or not torch.isfinite(gradient).all():
                         excluded.append(w)  # its head failed: its rows take no gradient
                         gradients.append(torch.zeros(n, *hidden.shape[1:], device=hidden.device))
                         continue
-                    gradients.append(gradient * weight)  # own mean loss -> the group's
+                    gradients.append(gradient)
                     losses.append((n, loss))
                 rest_started = time.perf_counter()  # the rest of the compute follows the workers' replies
-                hidden.backward(torch.cat(gradients).to(hidden.dtype))
-            self._server_optimizer_step(trainer, lr)
+                # The group's loss is the mean over the rows whose heads answered.
+                kept = sum(n for w, n in zip(members, rows, strict=True) if w not in excluded)
+                share = [0.0 if w in excluded else n / kept for w, n in zip(members, rows, strict=True)]
+                if kept:
+                    hidden.backward(
+                        torch.cat([g * part for g, part in zip(gradients, share, strict=True)]).to(hidden.dtype)
+                    )
+            self._server_optimizer_step(trainer, lr)  # steps no parameter where no backward ran
             timeline.append((members, forward_s, time.perf_counter() - rest_started))
-            for w, gradient, weight in zip(members, merged.grad.split(rows), share, strict=True):
+            pieces = merged.grad.split(rows) if merged.grad is not None else [EMPTY] * len(members)
+            for w, gradient, weight in zip(members, pieces, share, strict=True):
                 if w in excluded:
                     send(w, EMPTY, "gradient")
                 else:

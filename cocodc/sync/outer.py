@@ -106,6 +106,7 @@ class OuterSync:
         self.per_tensor = self.compensate and config.dc_adaptive and config.dc_normaliser == "tensor"
         self.adam_curvature = self.compensate and config.dc_adaptive and config.dc_normaliser == "adam"
         self._inner: torch.optim.Optimizer | None = None  # whose second moment the "adam" weight reads
+        self._group_of: dict[torch.Tensor, dict[str, Any]] = {}  # its param group, per parameter
         # Sharded over a region's ranks, a payload is cut and re-assembled, so its tail rides separately.
         self.sharded = intra is not None and intra.size > 1
         # Per fragment, flat: the global copy (the outer optimizer's parameters), the outer
@@ -141,6 +142,7 @@ class OuterSync:
     def use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The inner AdamW whose second moment CoCoDC's "adam" weight reads (`attach` sets it too)."""
         self._inner = optimizer
+        self._group_of = {param: group for group in optimizer.param_groups for param in group["params"]}
 
     def step(self) -> None:
         """Account for one inner step just taken; send and apply what the schedule says."""
@@ -409,7 +411,6 @@ class OuterSync:
                 "sync.dc_normaliser 'adam' reads the inner AdamW's second moment: call "
                 "OuterSync.attach(optimizer) or use_optimizer(optimizer) before training"
             )
-        groups = {param: group for group in self._inner.param_groups for param in group["params"]}
         parts = []
         with torch.no_grad():
             for param in flat.params:
@@ -417,7 +418,7 @@ class OuterSync:
                 if "exp_avg_sq" not in state:
                     parts.append(torch.zeros(param.numel(), dtype=torch.float32, device=flat.global_.device))
                     continue
-                group = groups[param]
+                group = self._group_of[param]
                 v_hat = state["exp_avg_sq"].float() / (1 - group["betas"][1] ** float(state["step"]))
                 parts.append(v_hat.sqrt_().mul_(float(group["lr"]) * steps).view(-1))
         return torch.cat(parts)
