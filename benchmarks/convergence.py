@@ -212,9 +212,18 @@ def worst_gap(points: list[tuple[int, float]], reference: list[tuple[int, float]
     return max((loss - theirs[step] for step, loss in points if step > after and step in theirs), default=0.0)
 
 
+def excess(points: list[tuple[int, float]], bound_points: list[tuple[int, float]]) -> float | None:
+    """The mean eval-loss excess of `points` over `bound_points` at the evals both made in the last
+    third of the run, where the steps to a target are decided; None where they share none."""
+    theirs, last = dict(bound_points), points[-1][0]
+    gaps = [loss - theirs[step] for step, loss in points if step >= 2 * last / 3 and step in theirs]
+    return statistics.mean(gaps) if gaps else None
+
+
 def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
     """One row per cell with its final loss, target, steps to target and reduction (against the
-    same seed's run: paired), its largest lag behind that run after the first sync, its bytes."""
+    same seed's run: paired), its largest lag behind that run after the first sync, its bytes, and
+    (with a run at the smallest tau) its excess over its own perfectly compensated curve."""
     from cocodc.config import load_config
 
     sync = load_config(args.config, args.set).sync
@@ -240,6 +249,11 @@ def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
                                (compensated(cell["method"]), tau, tau - cell["tau"])]  # fmt: skip
         if cell["method"] == SAME_BYTES:
             judged = [(f"streaming a=0.5 at H={cell['every']}", cell["tau"], 0)]
+        own = (cell["method"], cell["split"], cell["seed"], None)
+        least = next((c for c in plan if (c["method"], c["split"], c["seed"], c["every"]) == own
+                      and c["tau"] == min(args.taus) < cell["tau"]), None)  # fmt: skip
+        delayed = arriving_later(least["curve"], cell["tau"] - least["tau"]) if least is not None else None
+        left = excess(cell["curve"], delayed) if delayed is not None else None
         for method, tau, shift in judged:
             group = [c for c in plan if c["split"] == cell["split"] and c["tau"] == tau]
             ran = [m for m in STREAMING if any(c["method"] == m for c in group)]
@@ -260,6 +274,7 @@ def analyse(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
                 # The delayed curve is a model of the steady state, not of the first round: no lag of its own.
                 "worst_gap": None if shift else round(worst_gap(curve, reference["curve"], first_apply), 4),
                 "bytes_sent": cell["bytes"], "same_bytes_reduction": None,
+                "excess": None if method != cell["method"] or left is None else round(left, 4),
             }  # fmt: skip
             if "same_bytes_every" in cell and method == cell["method"]:
                 matched = next(
@@ -277,7 +292,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     header = ["split", "tau", "method", "final eval loss (median, range)", "steps to target (median)",
               "reduction (median, range)", "reached", "wall-clock to target, s (median)",
               "worst lag after the first sync (median, max)",
-              "MB sent a region", "reduction vs Streaming at the same bytes"]  # fmt: skip
+              "MB sent a region", "reduction vs Streaming at the same bytes",
+              "excess over its perfectly compensated curve, last third (median, range)"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for split in args.splits:
@@ -299,6 +315,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                 lag = f"{statistics.median(gaps):+.4f} ({max(gaps):+.4f})" if gaps else "-"
                 same = [r["same_bytes_reduction"] for r in group if r["same_bytes_reduction"] is not None]
                 same_bytes = f"{statistics.median_low(same):+.1%}" if same else "-"
+                excesses = [r["excess"] for r in group if r["excess"] is not None]
+                over = f"{statistics.median(excesses):+.4f} ({spread(excesses)})" if excesses else "-"
                 seconds = statistics.median_high(
                     math.inf if r["seconds_to_target"] is None else r["seconds_to_target"] for r in group
                 )
@@ -306,7 +324,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                     f"| {split} | {tau} | {method} | {statistics.median(finals):.4f} ({spread(finals)}) | {steps} | "
                     f"{reduction} | {len(reached)}/{len(group)} | {'-' if seconds == math.inf else seconds} | "
                     f"{lag} | "
-                    f"{statistics.median(r['bytes_sent'] for r in group) / 1e6:.1f} | {same_bytes} |"
+                    f"{statistics.median(r['bytes_sent'] for r in group) / 1e6:.1f} | {same_bytes} | {over} |"
                 )
     return "\n".join(lines)
 
