@@ -25,7 +25,10 @@ is evaluated) holds only what has arrived: an estimate of the most a compensatio
 can reach. It models the steady state (over the first round it trails the real runs, whose
 first pseudo-gradients span longer windows: the schedule skips the slots that would send before
 step 1), so it has no lag of its own, nor a wall-clock; `--bound-every 1` makes the runs at the
-smallest tau eval every step, so that the delayed curve is sampled at every step.
+smallest tau eval every step, so that the delayed curve is sampled at every step. What a method
+leaves to a better compensation is its excess: its mean eval loss over its own perfectly
+compensated curve in the last third of the run (Streaming DiLoCo's is the delay's whole cost),
+a measure in loss where the steps to a target turn a few thousandths into several points.
 
 Writes convergence.md (medians and spreads over seeds), convergence.csv (every cell) and one plot
 per split and tau: eval loss against inner steps, and against wall-clock under the config's link
