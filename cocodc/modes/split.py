@@ -305,7 +305,6 @@ class SplitMode:
             started = time.perf_counter()
             merged = torch.cat(inputs).requires_grad_(True)
             rows = [x.shape[0] for x in inputs]
-            share = [n / sum(rows) for n in rows]  # each member's part of the group's mean loss
             with autocast:
                 hidden = self.model.run_blocks(merged, sp.cut, self.layers)
             rest_started = time.perf_counter()
@@ -316,6 +315,7 @@ class SplitMode:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), torch.cat(labels).flatten())
                 loss.backward()
                 losses.append((sum(rows), loss.item()))
+                share = [n / sum(rows) for n in rows]  # each member's part of the group's mean loss
             else:
                 replies = []
                 for w, piece in zip(members, hidden.detach().float().split(rows), strict=True):
