@@ -9,7 +9,7 @@ from cocodc.comm.wan import AccessLinks
 from cocodc.config import ConfigError, DevicesConfig, load_config
 from cocodc.data import ClientShards, ShardLoader
 from cocodc.devices import DeviceProfiles
-from cocodc.federated.clients import executor_of, round_arrivals, sample_clients
+from cocodc.federated.clients import Arrival, executor_of, round_arrivals, sample_clients, server_wait_s
 
 
 @pytest.mark.parametrize(("clients", "per_round"), [(20, 5), (7, 3), (10, 10), (5, 4), (100, 7)])
@@ -59,6 +59,15 @@ def test_round_arrivals_by_hand():
     # client 1: download 1 MB at 2 MB/s = 0.5 s, 4 x 0.5 s / 2 = 1 s of steps, upload 0.5 MB = 0.25 s
     # client 0: download 1 s, 2 s of steps, upload 1 MB at 1 MB/s = 1 s
     assert [(a.client, a.trained_at, a.arrived_at) for a in arrivals] == [(1, 1.5, 1.75), (0, 3.0, 4.0)]
+
+
+def test_the_server_waits_for_every_update_that_comes_to_the_deadline_at_most():
+    arrivals = [Arrival(0, 0.5, 1.0), Arrival(1, 2.0, 3.0), Arrival(2, 4.0, 5.0)]
+    # Client 1's update is not finite: the server knows only once it has received it.
+    assert server_wait_s(arrivals, failed=[2], deadline_s=0.0) == 3.0
+    assert server_wait_s(arrivals, failed=[], deadline_s=0.0) == 5.0
+    assert server_wait_s(arrivals, failed=[], deadline_s=4.0) == 4.0  # client 2 is late
+    assert server_wait_s(arrivals, failed=[0, 1, 2], deadline_s=4.0) == 0.0
 
 
 def test_round_arrivals_queue_at_a_slow_server():

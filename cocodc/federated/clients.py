@@ -3,7 +3,7 @@ and when their updates reach the server. Plain numbers, no processes; every rank
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,3 +74,10 @@ def round_arrivals(
     for i in sorted(range(len(sampled)), key=lambda i: (trained[i], i)):
         arrived[i] = links.transfer(1 + i, 0, upload_bytes[i], trained[i])
     return [Arrival(c, t, a) for c, t, a in zip(sampled, trained, arrived, strict=True)]
+
+
+def server_wait_s(arrivals: Sequence[Arrival], failed: Collection[int], deadline_s: float) -> float:
+    """How long the server waits in a round: for every update that comes (a non-finite one is
+    known as such only once received), to the deadline at most (`deadline_s` 0: none)."""
+    last = max((a.arrived_at for a in arrivals if a.client not in failed), default=0.0)
+    return min(last, deadline_s) if deadline_s else last

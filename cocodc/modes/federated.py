@@ -29,7 +29,7 @@ from cocodc.comm import CommEngine, Handle
 from cocodc.config import Config, ConfigError
 from cocodc.data import ClientShards
 from cocodc.devices import DeviceProfiles
-from cocodc.federated.clients import executor_of, round_arrivals, sample_clients
+from cocodc.federated.clients import executor_of, round_arrivals, sample_clients, server_wait_s
 from cocodc.federated.strategies import build_strategy, proximal_term, weighted_mean
 from cocodc.modes.faults import FAULTS_ENV, parse_faults
 from cocodc.topology import Topology
@@ -217,9 +217,7 @@ class FederatedMode:
             self.global_model.vector = self.global_model.strategy.step(
                 self.global_model.vector, mean_update, server_round
             )
-        in_time = [a.arrived_at for a in arrivals if a.client in {c for c, _, _ in accepted}]
-        # The server waits for the slowest accepted update, or to the deadline when one is late.
-        modelled_s = f.deadline_s if late else max(in_time, default=0.0)
+        modelled_s = server_wait_s(arrivals, failed, f.deadline_s)
         losses = [(n, infos[sampled.index(c)][1]) for c, n, _ in accepted]
         loss = sum(n * value for n, value in losses) / sum(n for n, _ in losses) if losses else math.nan
         record = {
