@@ -177,10 +177,14 @@ def test_resume_is_bit_identical(tmp_path):
             assert all(torch.equal(state["model"][k], other["model"][k]) for k in state["model"])
             assert state["data"] == other["data"]
 
-    def evals(name: str) -> list[tuple[int, float]]:
-        return [(r["step"], r["loss"]) for r in read_records(tmp_path / name / "metrics.jsonl") if r["kind"] == "eval"]
+    def records(name: str, kind: str) -> list[dict]:
+        return [r for r in read_records(tmp_path / name / "metrics.jsonl") if r["kind"] == kind]
 
-    assert evals("straight") == evals("resumed") and len(evals("straight")) == 3
+    evals = [[(r["step"], r["loss"]) for r in records(name, "eval")] for name in ("straight", "resumed")]
+    assert evals[0] == evals[1] and len(evals[0]) == 3
+    # The regulation was logged by the run that wrote the checkpoint, not again by the resumed one.
+    assert records("straight", "batch_sizes") == records("resumed", "batch_sizes")
+    assert len(records("resumed", "batch_sizes")) == 1
 
 
 @pytest.mark.parametrize(

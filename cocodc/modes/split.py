@@ -91,6 +91,7 @@ class SplitState:
         for w, worker in m.workers.items():
             worker.load_state_dict(state["workers"][w])
         m.sizes = [int(n) for n in state["sizes"]]
+        m.regulated = None  # logged by the run that wrote the checkpoint
         m.totals.update(state["totals"])
 
 
