@@ -94,11 +94,14 @@ def plot_curves(curves: Sequence[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for curve in curves:
+    # Past the default cycle's 10 colours, two curves would share one.
+    palette = plt.get_cmap("tab20").colors if len(curves) > 10 else None
+    for index, curve in enumerate(curves):
+        colour = palette[index % len(palette)] if palette else None
         name = (
             curve["label"] if len({c["label"] for c in curves}) == len(curves) else f"{curve['run']}: {curve['label']}"
         )
-        line = by_step.plot(curve["steps"], curve["loss"], marker=".", label=name)[0]
+        line = by_step.plot(curve["steps"], curve["loss"], marker=".", label=name, color=colour)[0]
         by_time.plot(curve["wall_s"], curve["loss"], marker=".", color=line.get_color())
     # The runs part in the tail: show it, not the first steps' fall.
     top = max(c["loss"][len(c["loss"]) // 5] for c in curves)
