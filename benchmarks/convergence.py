@@ -9,26 +9,27 @@ inside one torchrun job per data split, one after another, so the processes star
 whose run directory already holds a summary for the same config is not run again, so an
 interrupted sweep continues where it stopped (and runs copied from another sweep's --out count).
 
-Per split, tau and seed (paired: every method against the same seed's Streaming run), the target
-is the final eval loss of the better Streaming DiLoCo variant (alpha 0 or 0.5 of those run, by
-median over seeds); steps-to-target is the first eval step at or below it, and the reduction is
-1 - steps_method / steps_streaming; medians are over seeds, a seed that never reaches the target
-counting as the slowest. The whole curve counts too: the worst lag is the largest eval-loss lead
-of that Streaming run over the method at any eval after the first sync. A method that sends more
-than Streaming DiLoCo (the adaptive schedule with `sync.link_share`) also meets Streaming DiLoCo
-at the smaller H that sends as many bytes (a second pass runs those cells). Streaming with the
-least overlap is also judged against the larger overlaps' targets, as every overlapping method
-is: as it ran ("cocodc a=0.5 at tau 1": its merge with no delay at all), and "perfectly
-compensated": the same run with its fragments arriving tau - 1 steps later, each carrying the
-same pseudo-gradient, so that the regions train as without the delay while the global copy (what
-is evaluated) holds only what has arrived: an estimate of the most a compensation of the delay
-can reach. It models the steady state (over the first round it trails the real runs, whose
-first pseudo-gradients span longer windows: the schedule skips the slots that would send before
-step 1), so it has no lag of its own, nor a wall-clock; `--bound-every 1` makes the runs at the
-smallest tau eval every step, so that the delayed curve is sampled at every step. What a method
-leaves to a better compensation is its excess: its mean eval loss over its own perfectly
-compensated curve in the last third of the run (Streaming DiLoCo's is the delay's whole cost),
-a measure in loss where the steps to a target turn a few thousandths into several points.
+Per split, tau and seed (paired: every method against the same seed's Streaming run), the target is
+the final eval loss of the best Streaming DiLoCo variant of those run (alpha 0 or 0.5, outer
+learning rate the config's or one of OUTER_LRS; by median over seeds); steps-to-target is the first
+eval step at or below it, and the reduction is 1 - steps_method / steps_streaming; medians are over
+seeds, a seed that never reaches the target counting as the slowest. The whole curve counts too:
+the worst lag is the largest eval-loss lead of that Streaming run over the method at any eval after
+the first sync. A method that sends more than Streaming DiLoCo (the adaptive schedule with
+`sync.link_share`) also meets Streaming DiLoCo at the smaller H that sends as many bytes (a second
+pass runs those cells). Streaming with the least overlap is also judged against the larger
+overlaps' targets, as every overlapping method is: as it ran ("cocodc a=0.5 at tau 1": its merge
+with no delay at all), and "perfectly compensated": the same run with its fragments arriving
+tau - 1 steps later, each carrying the same pseudo-gradient, so that the regions train as without
+the delay while the global copy (what is evaluated) holds only what has arrived: an estimate of the
+most a compensation of the delay can reach. It models the steady state (over the first round it
+trails the real runs, whose first pseudo-gradients span longer windows: the schedule skips the
+slots that would send before step 1), so it has no lag of its own, nor a wall-clock;
+`--bound-every 1` makes the runs at the smallest tau eval every step, so that the delayed curve is
+sampled at every step. What a method leaves to a better compensation is its excess: its mean eval
+loss over its own perfectly compensated curve in the last third of the run (Streaming DiLoCo's is
+the delay's whole cost), a measure in loss where the steps to a target turn a few thousandths into
+several points.
 
 Writes convergence.md (medians and spreads over seeds), convergence.csv (every cell) and one plot
 per split and tau: eval loss against inner steps, and against wall-clock under the config's link
@@ -80,9 +81,15 @@ METHODS: dict[str, list[str]] = {
     ],
     "cocodc link a=0.5": ["sync.method=cocodc", "sync.alpha=0.5", "sync.schedule=adaptive", "sync.link_share=0.5"],
 }  # fmt: skip
-DEFAULT_METHODS = [m for m in METHODS if not any(k in m for k in ("adaptive", "link", "a=0.25", "a=0.75"))]
+# The outer learning rate around the config's 0.7 (not in the default sweep). Streaming DiLoCo's
+# variants are targets too, so that every method meets the best-tuned Streaming DiLoCo.
+OUTER_LRS = (0.5, 0.9, 1.1, 1.3, 1.5)
+for lr in OUTER_LRS:
+    for base in ("streaming", "cocodc"):
+        METHODS[f"{base} a=0.5 olr={lr}"] = [f"sync.method={base}", "sync.alpha=0.5", f"sync.outer_lr={lr}"]
+DEFAULT_METHODS = [m for m in METHODS if not any(k in m for k in ("adaptive", "link", "a=0.25", "a=0.75", "olr"))]
 NO_OVERLAP = {"ddp", "diloco"}
-STREAMING = ("streaming a=0", "streaming a=0.5")
+STREAMING = ("streaming a=0", "streaming a=0.5", *(f"streaming a=0.5 olr={lr}" for lr in OUTER_LRS))
 SAME_BYTES = "streaming a=0.5 same bytes"  # at a smaller H, as many bytes as a method that sends more
 MORE_BYTES = 1.05  # a method sending this much more than Streaming DiLoCo gets the same-bytes baseline
 
