@@ -381,7 +381,8 @@ def main() -> None:
     parser.add_argument("--taus", type=int, nargs="+", default=[1, 10, 20])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--splits", nargs="+", choices=["iid", "non_iid"], default=["iid", "non_iid"])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS, metavar="METHOD",
+                        help=f"of: {'; '.join(METHODS)} (default: {'; '.join(DEFAULT_METHODS)})")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every cell")
     parser.add_argument(
         "--bound-every", type=int, metavar="STEPS",
