@@ -131,7 +131,7 @@ def same_bytes_cells(args: argparse.Namespace, plan: list[dict]) -> list[dict]:
     for split, tau, method in sorted({(c["split"], c["tau"], c["method"]) for c in plan}):
         group = [c for c in plan if (c["split"], c["tau"]) == (split, tau)]
         sent = statistics.median(c["bytes"] for c in group if c["method"] == method)
-        streaming = statistics.median(c["bytes"] for c in group if c["method"] == "streaming a=0.5")
+        streaming = statistics.median(c["bytes"] for c in group if c["method"] in STREAMING)  # any lr, alpha
         if method in NO_OVERLAP or not streaming or sent <= MORE_BYTES * streaming:
             continue
         every = round(sync.sync_every * streaming / sent / sync.fragments) * sync.fragments
