@@ -89,7 +89,7 @@ for lr in OUTER_LRS:
         METHODS[f"{base} a=0.5 olr={lr}"] = [f"sync.method={base}", "sync.alpha=0.5", f"sync.outer_lr={lr}"]
 DEFAULT_METHODS = [m for m in METHODS if not any(k in m for k in ("adaptive", "link", "a=0.25", "a=0.75", "olr"))]
 NO_OVERLAP = {"ddp", "diloco"}
-STREAMING = ("streaming a=0", "streaming a=0.5", *(f"streaming a=0.5 olr={lr}" for lr in OUTER_LRS))
+STREAMING = tuple(m for m in METHODS if m.startswith("streaming "))  # the targets: every alpha and outer lr
 SAME_BYTES = "streaming a=0.5 same bytes"  # at a smaller H, as many bytes as a method that sends more
 MORE_BYTES = 1.05  # a method sending this much more than Streaming DiLoCo gets the same-bytes baseline
 
