@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cocodc import kernels  # noqa: E402
 from cocodc.comm.codec import get_codec  # noqa: E402
+from cocodc.config import SyncConfig  # noqa: E402
 
 from sweep import ROOT  # noqa: E402
 
@@ -45,6 +46,7 @@ CODEC = get_codec("e3m0")
 # Datasheet memory bandwidth (bytes/s) by the name torch reports.
 DATASHEET = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
 OUTER_OPTIONS = {"lr": 0.7, "mu": 0.9, "nesterov": True, "first": False, "alpha": 0.5}
+ADAM_LAMBDA = SyncConfig(method="cocodc").compensation_lambda  # the AdamW weight's default
 
 
 def payload_bytes(n: int) -> float:
@@ -97,7 +99,12 @@ def operations(b: dict[str, torch.Tensor], n: int) -> dict[str, Callable[[], obj
             **OUTER_OPTIONS,
         ),  # fmt: skip
         "adam": lambda: kernels.outer_apply(
-            **state, merge="compensate", sent=b["sent"], dc_lambda=3000.0, curvature=b["curvature"], **OUTER_OPTIONS
+            **state,
+            merge="compensate",
+            sent=b["sent"],
+            dc_lambda=ADAM_LAMBDA,
+            curvature=b["curvature"],
+            **OUTER_OPTIONS,
         ),
         "stream": lambda: kernels.outer_apply(**state, merge="lerp", **OUTER_OPTIONS),
         "drift": lambda: kernels.square_sums([(b["global_"], b["live"])]),
@@ -119,7 +126,7 @@ def reference_for_compile(b: dict[str, torch.Tensor], n: int) -> dict[str, Calla
 
     def adam() -> None:
         outer_sgd_step(b["global_"], b["momentum"], b["grad"], 0.7, 0.9, True, False)
-        w = (b["curvature"] * 3000.0).clamp(max=0.9)
+        w = (b["curvature"] * ADAM_LAMBDA).clamp(max=0.9)
         theta = b["global_"] + (b["live"] - b["sent"]) - w * (b["global_"] - b["sent"])
         b["live"].copy_(torch.lerp(theta, b["live"], 0.5))
 
@@ -192,7 +199,7 @@ def whole_sync_vs_inner_step(config_file: str, device: str, repeats: int) -> dic
     """A 1B-parameter model's whole outer sync on one region's GPU (drift of every fragment, then
     per fragment: pseudo-gradient + encode, the mean of the regions' payloads, outer step + merge;
     the WAN transfer left out) against one inner step of that config (bf16 autocast, AdamW)."""
-    from cocodc.config import SyncConfig, load_config
+    from cocodc.config import load_config
     from cocodc.model import Transformer, lm_loss
     from cocodc.sync import OuterSync
     from cocodc.trainer import autocast_for, inner_optimizer

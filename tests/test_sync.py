@@ -709,7 +709,7 @@ def test_adam_weight_needs_the_inner_optimizer():
 
 
 def test_compensation_lambda_defaults_by_rule():
-    assert SyncConfig(method="cocodc").compensation_lambda == 3000.0
+    assert SyncConfig(method="cocodc").compensation_lambda == 750.0
     assert SyncConfig(method="cocodc", dc_normaliser="running").compensation_lambda == 0.5
     assert SyncConfig(method="cocodc", dc_adaptive=False).compensation_lambda == 0.5
     assert SyncConfig(method="cocodc", dc_lambda=0.0).compensation_lambda == 0.0
