@@ -63,7 +63,8 @@ def test_round_arrivals_by_hand():
 
 def test_the_server_waits_for_every_update_that_comes_to_the_deadline_at_most():
     arrivals = [Arrival(0, 0.5, 1.0), Arrival(1, 2.0, 3.0), Arrival(2, 4.0, 5.0)]
-    # Client 1's update is not finite: the server knows only once it has received it.
+    # Client 2 failed (no update comes); an update that comes but is not finite is waited for all the
+    # same (the server knows it only once received), so `failed` never lists one.
     assert server_wait_s(arrivals, failed=[2], deadline_s=0.0) == 3.0
     assert server_wait_s(arrivals, failed=[], deadline_s=0.0) == 5.0
     assert server_wait_s(arrivals, failed=[], deadline_s=4.0) == 4.0  # client 2 is late
