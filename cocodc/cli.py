@@ -70,8 +70,8 @@ def train_command(args: list[str]) -> int:
         if options.resume:  # with ft, every region resumes its own
             for region in range(config.topology.regions if config.ft.enabled else 1):
                 root = trainer.checkpoint_root(config, region)
-                ranks = trainer.checkpoint_ranks(config, region)
-                checkpoint.check_compatible(root, checkpoint.latest_step(root), config, ranks)
+                regions = trainer.checkpoint_regions(config, region)
+                checkpoint.check_compatible(root, checkpoint.latest_step(root), config, regions)
         over_netem = config.wan.enabled and config.wan.emulation == "netem"
         if over_netem:
             netem.check_host()

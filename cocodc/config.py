@@ -28,6 +28,9 @@ class TopologyConfig:
     regions: int = 2
     ranks_per_region: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # How a region holds its model: ddp (a whole replica on every rank) or fsdp (FSDP2: parameters,
+    # gradients, inner and outer optimizer state sharded over the region's ranks).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     # A collective or transfer that does not complete within this many seconds (a peer died or
     # fell silent) ends the run with an error; it must exceed the longest real transfer.
     timeout_s: float = 120.0
@@ -497,6 +500,12 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'data.eval_fraction' must lie in (0, 0.5); got {d.eval_fraction}")
     if d.dirichlet_alpha <= 0:
         raise ConfigError(f"config key 'data.dirichlet_alpha' must be positive; got {d.dirichlet_alpha}")
+    if t.parallel == "fsdp" and (s.method == "ddp" or config.mode != "regions"):
+        what = "sync.method ddp" if s.method == "ddp" else f"mode {config.mode}"
+        raise ConfigError(
+            f"topology.parallel fsdp shards a region for an outer sync (diloco, streaming, cocodc); {what} "
+            "runs data-parallel replicas: use topology.parallel ddp"
+        )
     if s.method == "diloco" and (s.fragments != 1 or s.delay != 0):
         raise ConfigError(
             "sync.method diloco syncs the whole model without overlap: it needs sync.fragments=1 and "

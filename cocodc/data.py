@@ -234,10 +234,20 @@ class ShardLoader:
         self._order = self._epoch_order()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "shard": len(self.indices)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order()
+
+    def load_resharded(self, states: list[dict[str, int]]) -> None:
+        """Continue a region whose ranks were dealt its shard differently (another ranks_per_region):
+        at the same epoch, as far into it as the region's first rank was (whole batches). Which
+        sequences come next differs from an unchanged resume: the shard is dealt anew."""
+        first = states[0]
+        done = int(first["position"]) / int(first["shard"])
+        batches = min(int(done * len(self.indices)) // self.batch_size, len(self.indices) // self.batch_size - 1)
+        self.epoch, self.position = int(first["epoch"]), batches * self.batch_size
         self._order = self._epoch_order()
 
 

@@ -56,7 +56,7 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
         torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such version warns
     setup = CommEngine(topology.setup_group, name="setup")
-    start_step, state = open_run(config, topology, setup, resume=resume, overwrite=overwrite, stop_at=stop_at)
+    start_step = open_run(config, topology, setup, resume=resume, overwrite=overwrite, stop_at=stop_at)
     tokenizer = build_tokenizer(config, topology, setup)
     model = build_model(config, tokenizer.vocab_size, topology.device)
     timeout = config.topology.timeout_s
@@ -84,7 +84,7 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
         )
         mode = RegionsMode(config, topology, model, intra)
     trainer = Trainer(config, topology, world, intra, data, model, start_step)
-    trainer.run(mode, state, stop_at)
+    trainer.run(mode, stop_at)
     setup.barrier()  # torn down together: a group destroyed while a peer still talks to it can abort
 
 

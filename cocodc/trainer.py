@@ -28,8 +28,10 @@ from cocodc import checkpoint, kernels
 from cocodc.comm import CommEngine, CommError
 from cocodc.config import Config, ConfigError
 from cocodc.data import BPETokenizer, ByteTokenizer, RankData, Tokenizer, tokenizer_training_texts
+from cocodc.memory import storage_bytes, tensors_in
 from cocodc.metrics import Metrics, truncate_after
 from cocodc.model import lm_loss
+from cocodc.parallel import like_params, local_tree
 from cocodc.topology import Topology
 
 
@@ -71,6 +73,11 @@ class Mode(Protocol):
         """What of the mode's state can be saved without the network (a peer is lost)."""
         ...
 
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's bytes of the mode's own state ("outer") and the most that transfers running
+        across inner steps held at once ("in_flight_peak")."""
+        ...
+
     def describe(self) -> str:
         """The run's shape for the first console line, e.g. "2 regions x 1 ranks | 300 steps of ..."."""
         ...
@@ -92,10 +99,9 @@ def checkpoint_root(config: Config, region: int) -> Path:
     return root / f"region{region}" if config.ft.enabled else root
 
 
-def checkpoint_ranks(config: Config, region: int) -> range:
-    """The ranks whose files a checkpoint under `checkpoint_root(config, region)` holds."""
-    per_region = config.shape[1]
-    return range(region * per_region, (region + 1) * per_region) if config.ft.enabled else range(config.world_size)
+def checkpoint_regions(config: Config, region: int) -> range:
+    """The regions whose state a checkpoint under `checkpoint_root(config, region)` holds."""
+    return range(region, region + 1) if config.ft.enabled else range(config.shape[0])
 
 
 def check_run_dir(config: Config, resume: bool, overwrite: bool, region: int = 0) -> None:
@@ -114,10 +120,10 @@ def check_run_dir(config: Config, resume: bool, overwrite: bool, region: int = 0
 
 def open_run(
     config: Config, topology: Topology, setup: CommEngine, *, resume: bool, overwrite: bool, stop_at: int | None
-) -> tuple[int, dict[str, Any] | None]:
-    """Check, create or reopen the run directory; returns the step to start from and, on a
-    resume, this rank's saved state. With ft, every region's job shares the directory and starts or
-    restarts on its own: the launcher checked and cleared it once for all."""
+) -> int:
+    """Check, create or reopen the run directory; returns the step to start from (a resume's
+    checkpoint, checked). With ft, every region's job shares the directory and starts or restarts
+    on its own: the launcher checked and cleared it once for all."""
     run_dir, ckpt_root = config.run_dir, checkpoint_root(config, topology.region)
     if not config.ft.enabled:
         check_run_dir(config, resume, overwrite)
@@ -129,17 +135,16 @@ def open_run(
         saved = run_dir / f"config.yaml.{os.getpid()}.tmp"
         saved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         saved.replace(run_dir / "config.yaml")
-    start_step, state = 0, None
+    start_step = 0
     if resume:
         start_step = checkpoint.latest_step(ckpt_root)
-        checkpoint.check_compatible(ckpt_root, start_step, config, checkpoint_ranks(config, topology.region))
-        state = checkpoint.load_rank(ckpt_root, start_step, topology.rank)
+        checkpoint.check_compatible(ckpt_root, start_step, config, checkpoint_regions(config, topology.region))
         if topology.is_region_leader:
             truncate_after(Metrics.path(run_dir, topology.region), start_step)
     if stop_at is not None and stop_at <= start_step:
         raise ConfigError(f"--stop-at {stop_at} must come after the step training starts from ({start_step})")
     setup.barrier()
-    return start_step, state
+    return start_step
 
 
 def build_tokenizer(config: Config, topology: Topology, setup: CommEngine) -> Tokenizer:
@@ -191,15 +196,20 @@ def evaluate(
     engine: CommEngine,
     device: torch.device,
     autocast: contextlib.AbstractContextManager[None],
+    lockstep: bool = False,
 ) -> float:
-    """Mean eval loss; the batches are dealt over `shares` ranks and summed through `engine`."""
+    """Mean eval loss; the batches are dealt over `shares` ranks and summed through `engine`.
+    `lockstep`: every rank runs as many forwards (a sharded model gathers its parameters in each),
+    those past a rank's share on its first batch, not counted."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)
+    mine = batches[share::shares]
+    rounds = -(-len(batches) // shares) if lockstep else len(mine)
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast:
-        for batch in batches[share::shares]:
-            batch = batch.to(device)
-            count = batch[:, 1:].numel()
+        for index in range(rounds):
+            batch = (mine[index] if index < len(mine) else batches[0]).to(device)
+            count = batch[:, 1:].numel() if index < len(mine) else 0
             totals += torch.tensor([lm_loss(model, batch).item() * count, count], device=device, dtype=torch.float64)
     model.train(was_training)
     totals = engine.all_reduce_mean(totals).wait()
@@ -240,8 +250,8 @@ class EngineCounters:
     """An engine's bytes and time blocked. Saved after the mode's parts: saving those may wait for
     transfers in flight, and that wait belongs in the totals."""
 
-    def __init__(self, engine: CommEngine):
-        self.engine = engine
+    def __init__(self, engine: CommEngine, ranks_per_region: int = 1):
+        self.engine, self.engine_ranks = engine, ranks_per_region
 
     def state_dict(self) -> dict[str, float]:
         e = self.engine
@@ -251,46 +261,105 @@ class EngineCounters:
         e = self.engine
         e.bytes_sent, e.bytes_received, e.blocked_s = state["bytes_sent"], state["bytes_received"], state["blocked_s"]
 
+    def load_resharded(self, states: list[dict[str, float]]) -> None:
+        """The region's counts from its saved ranks', shared out over this run's ranks."""
+        ranks = self.engine_ranks
+        self.engine.bytes_sent = sum(s["bytes_sent"] for s in states) / ranks
+        self.engine.bytes_received = sum(s["bytes_received"] for s in states) / ranks
+        self.engine.blocked_s = sum(s["blocked_s"] for s in states) / len(states)
+
 
 def state_parts(
-    model: nn.Module, optimizer: torch.optim.Optimizer, mode: Mode, loader: Stateful, totals: Totals
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    mode: Mode,
+    loader: Stateful,
+    totals: Totals,
+    ranks_per_region: int = 1,
 ) -> dict[str, Stateful]:
-    """Every part a checkpoint holds, in the order they are saved."""
+    """Every part a checkpoint holds, in the order they are saved: the region's (model, optimizer,
+    the mode's), then each rank's own (OWN_PARTS)."""
     return {
-        "model": model,
-        "optimizer": optimizer,
+        "model": checkpoint.ModelState(model),
+        "optimizer": checkpoint.OptimizerState(model, optimizer),
         **mode.parts,
-        "wan": EngineCounters(mode.wan),
+        "wan": EngineCounters(mode.wan, ranks_per_region),
         "data": loader,
         "rng": RngState(),
         "totals": totals,
     }
 
 
+OWN_PARTS = ("wan", "data", "rng", "totals")
+
+
 class Checkpointer:
-    """Saves and restores a list of named stateful parts, one file per rank (checkpoint.py)."""
+    """Saves and restores the named stateful parts: the region's in one sharded checkpoint, each
+    rank's own in a small file (checkpoint.py). A resume with another number of ranks per region,
+    or the other parallelism, reshards the region's parts; each rank's own parts then continue from
+    the saved ranks' (`load_resharded` where a part has it, else the region's first rank's)."""
 
     def __init__(self, config: Config, topology: Topology, world: CommEngine, parts: dict[str, Stateful]):
         self.config, self.topology, self.world, self.parts = config, topology, world, parts
         self.root = checkpoint_root(config, topology.region)
+        self.region_parts = {name: part for name, part in parts.items() if name not in OWN_PARTS}
+        self.own_parts = {name: part for name, part in parts.items() if name in OWN_PARTS}
+        self.params = dict(parts["model"].model.named_parameters())
+
+    def _region_state(self, saved: set[str] | None = None) -> dict[str, Any]:
+        """The region's parts as DCP saves them (per-parameter tensors laid out like the parameters,
+        packed); with the `saved` keys of a checkpoint, the form to load it into."""
+        state = {}
+        for name, part in self.region_parts.items():
+            prefix = f"{name}.tensors."
+            if saved is not None and hasattr(part, "checkpoint_template"):
+                tree = part.checkpoint_template({k.removeprefix(prefix) for k in saved if k.startswith(prefix)})
+            else:
+                tree = part.state_dict()
+            laid_out = tree if getattr(part, "distributed", False) else like_params(tree, self.params)
+            state[name] = checkpoint.pack(laid_out)
+        return state
 
     def save(self, step: int) -> None:
-        state = {"step": step, **{name: part.state_dict() for name, part in self.parts.items()}}
-        checkpoint.save_rank(self.root, step, self.topology.rank, state)
+        t = self.topology
+        region_state = self._region_state()
+        own = {name: part.state_dict() for name, part in self.own_parts.items()}
+        checkpoint.save_region(self.root, step, t.region, region_state, t.intra_group)
+        checkpoint.save_rank(self.root, step, t.rank, {"step": step, **own})
         self.world.barrier()
-        if self.topology.is_leader:
+        if t.is_leader:
             checkpoint.commit(self.root, step, self.config, self.config.checkpoint.keep)
 
-    def restore(self, state: dict[str, Any]) -> None:
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+    def restore(self, step: int) -> None:
+        t = self.topology
+        state = self._region_state(checkpoint.saved_keys(self.root, step, t.region))
+        checkpoint.load_region(self.root, step, t.region, state, t.intra_group)
+        for name, part in self.region_parts.items():
+            tree = checkpoint.unpack(state[name])
+            part.load_state_dict(tree if getattr(part, "distributed", False) else local_tree(tree))
+        _, saved_per_region = checkpoint.saved_shape(self.root, step)
+        if saved_per_region == t.ranks_per_region:
+            own = checkpoint.load_rank(self.root, step, t.rank)
+            for name, part in self.own_parts.items():
+                part.load_state_dict(own[name])
+            return
+        first = t.region * saved_per_region
+        saved = [checkpoint.load_rank(self.root, step, first + k) for k in range(saved_per_region)]
+        for name, part in self.own_parts.items():
+            states = [s[name] for s in saved]
+            if hasattr(part, "load_resharded"):
+                part.load_resharded(states)
+            else:
+                part.load_state_dict(states[0])
 
     def rescue(self, step: int, names: list[str], extra: dict[str, Any]) -> Path:
-        """This rank's `names` parts as they are and `extra`, outside the resumable checkpoints (a
-        peer is lost, so no complete checkpoint can be written)."""
+        """This rank's `names` parts as they are and `extra` (its local shards where the region
+        shards), outside the resumable checkpoints (a peer is lost, so no complete checkpoint can
+        be written)."""
         path = self.root / "rescue" / f"rank{self.topology.rank}-step{step}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_save(path, {"step": step, **{n: self.parts[n].state_dict() for n in names}, **extra})
+        state = {"step": step, **{n: self.parts[n].state_dict() for n in names}, **extra}
+        checkpoint.atomic_save(path, local_tree(state))
         return path
 
 
@@ -318,6 +387,7 @@ class Trainer:
         self.totals = Totals()
         self.metrics = Metrics(config, topology, start_step)
         self.step = start_step
+        self.grad_bytes: int | None = None  # measured at the first backward of this process
 
     def inner_step(
         self,
@@ -342,6 +412,8 @@ class Trainer:
             loss = lm_loss(train_model, batch)
         try:
             (loss + penalty() if penalty is not None else loss).backward()
+            if self.grad_bytes is None:
+                self.grad_bytes = storage_bytes(p.grad for p in self.optimizer_parameters())
             if self.config.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.optimizer_parameters(), self.config.train.grad_clip)
             self.optimizer.step()
@@ -357,22 +429,27 @@ class Trainer:
         """Eval loss of the global parameters (and of each region's own, with eval.per_region)."""
         began, t, world = time.perf_counter(), self.topology, self.world
         batches, autocast = self.data.eval_batches, autocast_for(self.config, self.device)
+        lockstep = self.config.topology.parallel == "fsdp"
         with mode.global_view():  # dealt over the job's ranks: with ft, every region evaluates all
-            loss = evaluate(self.model, batches, world.rank, world.size, world, self.device, autocast)
+            loss = evaluate(self.model, batches, world.rank, world.size, world, self.device, autocast, lockstep)
         self.metrics.eval(self.step, loss, "global", self.totals.wall_s)
         if self.config.eval.per_region and mode.keeps_region_copies:
-            own = evaluate(self.model, batches, t.local_index, t.ranks_per_region, self.intra, self.device, autocast)
+            own = evaluate(
+                self.model, batches, t.local_index, t.ranks_per_region, self.intra, self.device, autocast, lockstep
+            )
             self.metrics.eval(self.step, own, "region", self.totals.wall_s)
         self.totals.eval_s += time.perf_counter() - began
         return loss
 
-    def run(self, mode: Mode, state: dict[str, Any] | None, stop_at: int | None) -> dict[str, Any] | None:
+    def run(self, mode: Mode, stop_at: int | None) -> dict[str, Any] | None:
         """Train to train.steps (or stop after `stop_at`); returns the summary, or None if stopped
         early. A lost peer raises CommError after this rank's state is rescued."""
-        parts = state_parts(self.model, self.optimizer, mode, self.data.loader, self.totals)
+        parts = state_parts(
+            self.model, self.optimizer, mode, self.data.loader, self.totals, self.topology.ranks_per_region
+        )
         checkpointer = Checkpointer(self.config, self.topology, self.world, parts)
-        if state is not None:
-            checkpointer.restore(state)
+        if self.start_step:
+            checkpointer.restore(self.start_step)
         try:
             mode.join(self)
             self._announce(mode)
@@ -417,6 +494,10 @@ class Trainer:
             self.step = step
             loss, compute_s = mode.step(self)
             totals.compute_s += compute_s
+            if step == self.start_step + 1:
+                sizes = self.state_bytes(mode)
+                shown = " | ".join(f"{key} {value / 2**20:.2f} MiB" for key, value in sizes.items())
+                self.metrics.print(f"state per rank: {shown} (in_flight: the peak so far)")
             self.metrics.records(mode.after_step())
             totals.wall_s = segment_wall + time.perf_counter() - segment_start
             tokens_per_s = tokens_per_step * (step - self.start_step) / (totals.wall_s - segment_wall)
@@ -476,7 +557,19 @@ class Trainer:
             "checkpoint_s": totals.checkpoint_s,
             "bytes_sent": round(sent * t.ranks_per_region),
             "bytes_received": round(received * t.ranks_per_region),
+            "state_bytes_per_rank": self.state_bytes(mode),
             **mode.summary(),
+        }
+
+    def state_bytes(self, mode: Mode) -> dict[str, int]:
+        """This rank's training state in bytes: parameters, gradients (at their first backward),
+        inner optimizer, the mode's own state (the outer sync's buffers) and the most that fragments
+        in flight held at once."""
+        return {
+            "model": storage_bytes(self.model.parameters()),
+            "grads": self.grad_bytes or 0,
+            "optimizer": storage_bytes(tensors_in(self.optimizer.state_dict()["state"])),
+            **mode.state_bytes(),
         }
 
 

@@ -58,3 +58,41 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
         checkpoint.atomic_save(path, {"x": Unpicklable()})
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_pack_keeps_tensors_by_path_and_the_rest_opaque():
+    weight, step = torch.arange(6.0).view(2, 3), torch.tensor(5)
+    tree = {"w": weight, "groups": [{"lr": 0.1, "params": ["w"]}], "slots": (1, None), "deep": {"n": {"step": step}}}
+    packed = checkpoint.pack(tree)
+    assert packed["tensors"] == {"w": weight, "deep.n.step": step}
+    assert isinstance(packed["rest"], bytes)
+    back = checkpoint.unpack(packed)
+    assert back["w"] is weight and back["deep"]["n"]["step"] is step
+    assert back["groups"] == [{"lr": 0.1, "params": ["w"]}] and back["slots"] == (1, None)
+    packed["tensors"].pop("w")
+    with pytest.raises(checkpoint.CheckpointError, match="a tensor 'w' this run has no place for"):
+        checkpoint.unpack(packed)
+
+
+def test_a_region_checkpoint_loads_in_place_and_reads_whole(tmp_path):
+    # One process, no process group: DCP writes and reads as a job of one.
+    state = {"outer": checkpoint.pack({"global": {"w": torch.arange(4.0)}, "step": 7})}
+    checkpoint.save_region(tmp_path, 3, 0, state, None)
+    assert checkpoint.saved_keys(tmp_path, 3, 0) == {"outer.tensors.global.w", "outer.rest"}
+    target = torch.zeros(4)
+    template = {"outer": checkpoint.pack({"global": {"w": target}, "step": 0})}
+    checkpoint.load_region(tmp_path, 3, 0, template, None)
+    assert torch.equal(target, torch.arange(4.0))  # in place
+    assert checkpoint.unpack(template["outer"])["step"] == 7
+    assert checkpoint.read_region(tmp_path, 3, 0)["outer"]["step"] == 7
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be loaded into this run"):
+        checkpoint.load_region(tmp_path, 3, 0, {"outer": checkpoint.pack({"global": {"v": target}})}, None)
+
+
+def test_the_older_one_file_per_rank_format_is_refused_with_what_to_do(tmp_path):
+    config = load_config(TINY)
+    checkpoint.step_dir(tmp_path, 5).mkdir(parents=True)
+    checkpoint.atomic_save(checkpoint.step_dir(tmp_path, 5) / "rank0.pt", {"model": {}})
+    checkpoint.commit(tmp_path, 5, config, keep=2)
+    with pytest.raises(checkpoint.CheckpointError, match="older one-file-per-rank format.*start anew"):
+        checkpoint.check_compatible(tmp_path, 5, config, range(2))

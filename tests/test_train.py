@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cocodc import checkpoint
 from cocodc.config import load_config
 from cocodc.metrics import read_records
 from cocodc.model import Transformer
@@ -105,13 +106,13 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     latest.write_text("8\n")
     resumed = train(tmp_path, "split", flags=("--resume",))
 
-    for rank in (0, 1):
-        a = torch.load(full_run / "checkpoints" / "step_00000024" / f"rank{rank}.pt", weights_only=True)
-        b = torch.load(resumed / "checkpoints" / "step_00000024" / f"rank{rank}.pt", weights_only=True)
+    for region in (0, 1):
+        a = checkpoint.read_region(full_run / "checkpoints", 24, region)
+        b = checkpoint.read_region(resumed / "checkpoints", 24, region)
         for key, value in a["model"].items():
             assert torch.equal(value, b["model"][key]), key
-        for x, y in zip(a["outer"]["global_params"][0], b["outer"]["global_params"][0], strict=True):
-            assert torch.equal(x, y)
+        for key, value in a["outer"]["global_params"].items():
+            assert torch.equal(value, b["outer"]["global_params"][key]), key
     full_summary = json.loads((full_run / "summary.json").read_text())
     split_summary = json.loads((resumed / "summary.json").read_text())
     assert split_summary["final_eval_loss"] == full_summary["final_eval_loss"]
@@ -143,9 +144,14 @@ def test_bad_resumes_and_reused_run_dirs_are_refused(full_run, tmp_path):
 
     assert "run directory" in attempt() and "exists; pass --resume" in attempt()
     assert "was written with model.d_model=64; the config says 32" in attempt("--resume", "--set", "model.d_model=32")
-    latest = run / "checkpoints" / "step_00000024" / "rank1.pt"
+    latest = checkpoint.rank_file(run / "checkpoints", 24, 1)
     latest.write_bytes(latest.read_bytes()[:1000])
     assert f"checkpoint file {latest} is corrupt or unreadable" in attempt("--resume")
+    latest.unlink()
+    assert "lacks the files of ranks [1]" in attempt("--resume")
+    metadata = checkpoint.region_dir(run / "checkpoints", 24, 1) / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:100])
+    assert "region1 is corrupt or unreadable" in attempt("--resume")
     (run / "checkpoints" / "LATEST").write_text("garbage")
     assert "LATEST is corrupt" in attempt("--resume")
 
@@ -185,11 +191,10 @@ def test_two_ranks_per_region(tmp_path):
         "eval.every=0",
         "checkpoint.every=0",
     )
-    states = [torch.load(run / "checkpoints" / "step_00000008" / f"rank{r}.pt", weights_only=True) for r in range(4)]
-    # DDP keeps a region's ranks identical; the last step is a sync, so every region holds the global model.
-    for state in states[1:]:
-        for key, value in states[0]["model"].items():
-            assert torch.equal(value, state["model"][key]), key
+    regions = [checkpoint.read_region(run / "checkpoints", 8, region) for region in (0, 1)]
+    # The last step is a sync, so every region holds the global model.
+    for key, value in regions[0]["model"].items():
+        assert torch.equal(value, regions[1]["model"][key]), key
     summary = json.loads((run / "summary.json").read_text())
     # 2 syncs; each of a region's 2 ranks carries half the model (padded to an even count) over
     # its own inter-region link, so the region moves what one rank would, spread over 2 links.

@@ -31,6 +31,7 @@ from cocodc.data import ClientShards
 from cocodc.devices import DeviceProfiles
 from cocodc.federated.clients import executor_of, round_arrivals, sample_clients, server_wait_s
 from cocodc.federated.strategies import build_strategy, proximal_term, weighted_mean
+from cocodc.memory import storage_bytes, tensors_in
 from cocodc.modes.faults import FAULTS_ENV, parse_faults
 from cocodc.topology import Topology
 from cocodc.trainer import Stateful, Trainer, lr_at
@@ -45,7 +46,7 @@ def load_initial_model(model: nn.Module, source: str) -> None:
     try:
         if path.is_dir():
             root = path / "checkpoints"
-            state = checkpoint.load_rank(root, checkpoint.latest_step(root), 0)
+            state = checkpoint.read_region(root, checkpoint.latest_step(root), 0)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state))
@@ -260,6 +261,10 @@ class FederatedMode:
 
     def rescue_state(self) -> dict[str, Any]:
         return {"global_vector": self.global_model.vector}
+
+    def state_bytes(self) -> dict[str, int]:
+        # Its transfers complete within the step (a round) that starts them: none stay in flight.
+        return {"outer": storage_bytes(tensors_in([p.state_dict() for p in self.parts.values()])), "in_flight_peak": 0}
 
     def describe(self) -> str:
         f, c = self.federation, self.config

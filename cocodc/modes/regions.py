@@ -1,5 +1,5 @@
 """The regions mode: data-parallel (ddp) or an outer sync (diloco, streaming, cocodc) over the WAN
-between regions, DDP inside each region. With `ft.enabled`, the regions take part in each sync as
+between regions, DDP or FSDP2 inside each region (parallel.py). With `ft.enabled`, the regions take part in each sync as
 torchft's quorum says (cocodc/ft.py), and a region that comes back heals from a peer."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from cocodc.comm import CommEngine, CommError
 from cocodc.comm.wan import LinkModel
 from cocodc.config import Config
 from cocodc.modes.faults import FAULTS_ENV, parse_faults
+from cocodc.parallel import replicate_region, shard_region
 from cocodc.sync import OuterSync
 from cocodc.topology import RESTART_ENV, Topology
 from cocodc.trainer import Stateful, Trainer
@@ -60,6 +61,7 @@ class RegionsMode:
         self.trainer: Trainer | None = None
         self.changes: list[dict[str, Any]] = []  # membership changes this region saw (ft)
         self.dropped = 0  # syncs this region dropped (ft)
+        shard_region(model, config, topology)
         self.outer = (
             OuterSync(model, config.sync, self.wan, intra=intra, quorum=self.quorum) if self.method != "ddp" else None
         )
@@ -78,8 +80,13 @@ class RegionsMode:
             # A lambda: DDP rejects a hook whose annotations are strings (postponed evaluation).
             hook = lambda wan, bucket: wan.all_reduce_mean(bucket.buffer()).future()  # noqa: E731
             self.train_model.register_comm_hook(self.wan, hook)
-        elif topology.ranks_per_region > 1:
-            self.train_model = DistributedDataParallel(model, process_group=topology.intra_group)
+        elif self.outer is not None:
+            self.train_model = replicate_region(model, config, topology)
+
+    def state_bytes(self) -> dict[str, int]:
+        if self.outer is None:
+            return {"outer": 0, "in_flight_peak": 0}
+        return {"outer": self.outer.state_bytes(), "in_flight_peak": self.outer.in_flight_peak}
 
     def step(self, trainer: Trainer) -> tuple[float, float]:
         loss, compute_s = trainer.inner_step(self.train_model, self.wan)

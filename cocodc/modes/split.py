@@ -38,6 +38,7 @@ from cocodc.config import Config
 from cocodc.data import ClientShards, ShardLoader
 from cocodc.devices import DeviceProfiles
 from cocodc.federated.clients import executor_of
+from cocodc.memory import storage_bytes, tensors_in
 from cocodc.modes.faults import FAULTS_ENV, parse_faults
 from cocodc.split.plan import activation_arrivals, gradients_back, on_worker, per_sequence_s, regulate_batches
 from cocodc.topology import Topology
@@ -81,7 +82,8 @@ class SplitState:
     def state_dict(self) -> dict[str, Any]:
         m = self.mode
         return {
-            "workers": {w: worker.state_dict() for w, worker in m.workers.items()},
+            # String keys: a checkpoint's nested keys are strings (torch.distributed.checkpoint).
+            "workers": {str(w): worker.state_dict() for w, worker in m.workers.items()},
             "sizes": list(m.sizes),
             "totals": dict(m.totals),
         }
@@ -89,7 +91,7 @@ class SplitState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         m = self.mode
         for w, worker in m.workers.items():
-            worker.load_state_dict(state["workers"][w])
+            worker.load_state_dict(state["workers"][str(w)])
         m.sizes = [int(n) for n in state["sizes"]]
         m.regulated = None  # logged by the run that wrote the checkpoint
         m.totals.update(state["totals"])
@@ -451,6 +453,10 @@ class SplitMode:
 
     def rescue_state(self) -> dict[str, Any]:
         return {}
+
+    def state_bytes(self) -> dict[str, int]:
+        # Its transfers complete within the step (a round) that starts them: none stay in flight.
+        return {"outer": storage_bytes(tensors_in([p.state_dict() for p in self.parts.values()])), "in_flight_peak": 0}
 
     def describe(self) -> str:
         sp, c = self.settings, self.config

@@ -5,9 +5,13 @@ which fragment to send or apply after which step; the pseudo-gradients travel th
 engine (encoded by `sync.quantize`) while inner steps go on, and the outer optimizer (one per
 fragment) runs on their mean.
 
-With several ranks per region (an `intra` engine over the region's ranks, which hold identical
-parameters), each rank carries only its 1/R share of a fragment over the WAN, and the region
-re-assembles the mean over its fast link when the fragment is applied.
+With several ranks per region (an `intra` engine over the region's ranks) there are two layouts.
+Replicas (DDP: every rank holds the whole parameters): each rank carries only its 1/R share of a
+fragment over the WAN, and the region re-assembles the mean over its fast link when the fragment is
+applied. Shards (FSDP2: the parameters are DTensors): every buffer of the sync covers the rank's
+local shard only, rank i of each region exchanges its shard with rank i of the others, and nothing
+is re-assembled; the drift, the finite check and the schedule's timings are reduced over the region
+when a fragment is sent, so every rank of a region decides alike.
 
 With the adaptive schedule, every fragment collective carries P + 2 more numbers in fp32: this
 region's drift of every fragment, its inner-step time and its last measured transfer time. Their
@@ -45,6 +49,7 @@ from cocodc import kernels
 from cocodc.comm import CommEngine, CommError, Handle
 from cocodc.comm.codec import get_codec
 from cocodc.config import SyncConfig
+from cocodc.memory import storage_bytes
 from cocodc.sync.flat import FlatFragment
 from cocodc.sync.fragments import Fragment, split_model, split_modules
 from cocodc.sync.schedule import AdaptiveSchedule, RoundRobinSchedule, Slot
@@ -107,8 +112,11 @@ class OuterSync:
         self.adam_curvature = self.compensate and config.dc_adaptive and config.dc_normaliser == "adam"
         self._inner: torch.optim.Optimizer | None = None  # whose second moment the "adam" weight reads
         self._group_of: dict[torch.Tensor, dict[str, Any]] = {}  # its param group, per parameter
-        # Sharded over a region's ranks, a payload is cut and re-assembled, so its tail rides separately.
-        self.sharded = intra is not None and intra.size > 1
+        self.shards = any(hasattr(p, "to_local") for f in self.fragments for p in f.params)
+        if self.shards and intra is None:
+            raise ValueError("the fragments are sharded (DTensors): pass intra=, the engine over the region's ranks")
+        # Replicas cut over a region's ranks: a payload is cut and re-assembled, so its tail rides separately.
+        self.cut = intra is not None and intra.size > 1 and not self.shards
         # Per fragment, flat: the global copy (the outer optimizer's parameters), the outer
         # momentum, theta_send and the running mean of delta^2 (adaptive compensation).
         self.flat = [
@@ -117,7 +125,7 @@ class OuterSync:
                 momentum=config.outer_momentum > 0,
                 normaliser=self.running_normaliser,
                 sent=self.compensate,
-                tail=count + 2 if self.adaptive and not self.sharded else 0,
+                tail=count + 2 if self.adaptive and not self.cut else 0,
             )
             for f in self.fragments
         ]
@@ -128,6 +136,7 @@ class OuterSync:
         self._drained: set[tuple[int, int]] = set()  # slots that finish() applied before their apply step
         self._dropped: set[tuple[int, int]] = set()  # slots whose sync was dropped (ft), until their apply step
         self._records: list[dict[str, Any]] = []
+        self.in_flight_peak = 0  # bytes: the most that the results of fragments in flight held at once
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
         """Run `step()` after every real step of the inner `optimizer` (a post-step hook); returns
@@ -303,18 +312,24 @@ class OuterSync:
         # and one host sync; it also says whether the pseudo-gradient is finite. Decided on the
         # whole fragment, so every rank of the region takes the same decision.
         sending = self.flat if self.adaptive else [flat]
-        drift = kernels.square_sums([(f.global_, f.live) for f in sending]).tolist()
+        live = flat.read_live()
+        sums = kernels.square_sums([(f.global_, live if f is flat else f.read_live()) for f in sending])
+        times = [self.step_s, self.transfer_s]
+        if self.shards:  # over the region's shards: sums of the drift, means of the times
+            reduced = self.intra.all_reduce_mean(torch.cat([sums.float(), sums.new_tensor(times)])).wait()
+            sums, times = reduced[: len(sending)] * self.intra.size, reduced[len(sending) :].tolist()
+        drift = sums.tolist()
         if not math.isfinite(drift[sending.index(flat)]):
             weight = 0.0
         extras = []
         if self.adaptive:
-            extras = [d / f.numel for d, f in zip(drift, self.flat, strict=True)] + [self.step_s, self.transfer_s]
+            extras = [d / f.full_numel for d, f in zip(drift, self.flat, strict=True)] + times
         if self.compensate:
-            flat.sent.copy_(flat.live)
+            flat.sent.copy_(live)
         codec, tail = self.codec, len(extras)
-        if self.sharded:
+        if self.cut:
             share = -(-flat.numel // self.intra.size)
-            pseudo = torch.nn.functional.pad(flat.global_ - flat.live, (0, share * self.intra.size - flat.numel))
+            pseudo = torch.nn.functional.pad(flat.global_ - live, (0, share * self.intra.size - flat.numel))
             payload = pseudo[self.intra.rank * share : (self.intra.rank + 1) * share]
             if self.adaptive:
                 payload = torch.cat([payload, payload.new_tensor(extras)])
@@ -323,7 +338,7 @@ class OuterSync:
             if self.adaptive:
                 flat.tail.copy_(torch.tensor(extras))
             # theta_g - theta_m, never written out: the engine encodes the difference.
-            handle = self.comm.all_reduce_mean(flat.with_tail, codec, minus=flat.live, exact_tail=tail, weight=weight)
+            handle = self.comm.all_reduce_mean(flat.with_tail, codec, minus=live, exact_tail=tail, weight=weight)
         self._in_flight[p] = _InFlight(slot, handle, quorum_s=self.quorum.last_s if self.quorum else 0.0)
 
     def _apply(self, pending: _InFlight) -> bool:
@@ -335,6 +350,8 @@ class OuterSync:
         try:
             mean = pending.handle.wait()
             failure = None
+            done = [mean] + [x.handle.wait() for x in self._in_flight.values() if x.handle.is_done()]
+            self.in_flight_peak = max(self.in_flight_peak, storage_bytes(done))
         except CommError as err:
             if self.quorum is None:
                 raise
@@ -347,7 +364,7 @@ class OuterSync:
         if len(excluded) == len(weights):
             raise FloatingPointError(f"fragment {p}'s pseudo-gradient is not finite in any region")
         rows = mean.view(1, -1)
-        if self.sharded:
+        if self.cut:
             rows = self.intra.all_gather(mean).wait()
         width = rows.shape[1] - (len(self.fragments) + 2 if self.adaptive else 0)
         grad = rows[:, :width].reshape(-1)[: flat.numel]
@@ -358,11 +375,12 @@ class OuterSync:
             self.transfer_s = done_s
         config, first = self.config, self.last_applied[p] == 0
         merge = "replace" if weights[self.comm.rank] == 0 else "compensate" if self.compensate else "lerp"
+        live = flat.read_live()
         w_mean, w_capped = kernels.outer_apply(
             grad,
             flat.global_,
             flat.momentum,
-            flat.live,
+            live,
             lr=config.outer_lr,
             mu=config.outer_momentum,
             nesterov=config.outer_nesterov,
@@ -378,6 +396,7 @@ class OuterSync:
             if self.adam_curvature and merge == "compensate"
             else None,
         )
+        flat.write_live(live)
         self.last_applied[p] = self.inner_step
         self.outer_steps += 1
         handle = pending.handle
@@ -413,15 +432,21 @@ class OuterSync:
             )
         parts = []
         with torch.no_grad():
-            for param in flat.params:
+            for param, shard in zip(flat.params, flat.shards, strict=True):
                 state = self._inner.state.get(param, {})
                 if "exp_avg_sq" not in state:
-                    parts.append(torch.zeros(param.numel(), dtype=torch.float32, device=flat.global_.device))
+                    parts.append(torch.zeros(shard.numel(), dtype=torch.float32, device=flat.global_.device))
                     continue
                 group = self._group_of[param]
-                v_hat = state["exp_avg_sq"].float() / (1 - group["betas"][1] ** float(state["step"]))
+                second = state["exp_avg_sq"]
+                second = second.to_local() if hasattr(second, "to_local") else second
+                v_hat = second.float() / (1 - group["betas"][1] ** float(state["step"]))
                 parts.append(v_hat.sqrt_().mul_(float(group["lr"]) * steps).view(-1))
         return torch.cat(parts)
+
+    def state_bytes(self) -> int:
+        """This rank's outer state: global copy, momentum, normaliser and theta_send, from storage."""
+        return storage_bytes(t for f in self.flat for t in (f.with_tail, f.momentum, f.normaliser, f.sent))
 
     def pop_records(self) -> list[dict[str, Any]]:
         """Records since the last call: one `sync` per applied fragment, one `decision` per slot
@@ -431,48 +456,77 @@ class OuterSync:
 
     def take_global(self) -> None:
         """The live parameters become the global copy (a region healed from a peer starts there)."""
-        with torch.no_grad():
-            for f in self.flat:
-                f.live.copy_(f.global_)
+        for f in self.flat:
+            f.write_live(f.global_)
 
     @contextmanager
     def global_parameters(self) -> Iterator[None]:
         """Within the block the live parameters hold the global copy (for eval)."""
-        saved = [f.live.clone() for f in self.flat]
-        with torch.no_grad():
-            for f in self.flat:
-                f.live.copy_(f.global_)
-            try:
-                yield
-            finally:
-                for f, s in zip(self.flat, saved, strict=True):
-                    f.live.copy_(s)
+        saved = [f.read_live().clone() for f in self.flat]
+        for f in self.flat:
+            f.write_live(f.global_)
+        try:
+            yield
+        finally:
+            for f, s in zip(self.flat, saved, strict=True):
+                f.write_live(s)
+
+    def _per_param(self, buffers: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor] | None:
+        """One flat buffer per fragment as {parameter name: view of its (local) values}."""
+        if buffers[0] is None:
+            return None
+        return {name: view for f, b in zip(self.flat, buffers, strict=True) for name, view in f.named_views(b).items()}
+
+    def _pending_state(self, pending: _InFlight) -> dict[str, Any]:
+        """A fragment in flight, waited for, in a layout-free form: its mean per parameter (whole for
+        replicas, the local shard for shards) and the numbers that rode along, per rank."""
+        flat, mean = self.flat[pending.slot.fragment], pending.handle.wait()
+        rows = self.intra.all_gather(mean).wait() if self.cut else mean.view(1, -1)
+        width = rows.shape[1] - (len(self.fragments) + 2 if self.adaptive else 0)
+        values = rows[:, :width].reshape(-1)[: flat.numel].clone()
+        return {
+            "slot": pending.slot.index,
+            "part": pending.slot.part,
+            "mean": flat.named_views(values),
+            "tails": rows[:, width:].tolist(),
+            "weights": pending.handle.weights,
+        }
+
+    def _payload(self, flat: FlatFragment, entry: dict[str, Any]) -> torch.Tensor:
+        """What `_pending_state` saved, as this rank's collective would have returned it."""
+        device = flat.global_.device
+        values = torch.cat([entry["mean"][name].reshape(-1).to(device) for name in flat.names])
+        tails = entry["tails"]
+        if not self.cut:
+            return torch.cat([values, values.new_tensor(tails[0])])
+        # Each rank's own numbers where the region has as many ranks as when saved; else their mean.
+        tail = tails[self.intra.rank] if len(tails) == self.intra.size else torch.tensor(tails).mean(0).tolist()
+        share = -(-flat.numel // self.intra.size)
+        padded = torch.nn.functional.pad(values, (0, share * self.intra.size - flat.numel))
+        return torch.cat([padded[self.intra.rank * share : (self.intra.rank + 1) * share], values.new_tensor(tail)])
 
     def state_dict(self, in_flight: bool = True) -> dict[str, Any]:
         """Everything needed to continue exactly; fragments in flight are waited for and stored.
-        Without `in_flight` (the state a peer heals from: every member drops what is in flight when
-        the quorum changes), they are stored as dropped."""
+        Tensors are per parameter name (views of this rank's buffers, its local shards when the
+        region shards), so a checkpoint can reshard them. Without `in_flight` (the state a peer heals
+        from: every member drops what is in flight when the quorum changes), they are stored as
+        dropped."""
         if self.quorum is not None and in_flight:
             self._drop_failed()
         dropped = set(self._dropped) | (set() if in_flight else {x.slot.key for x in self._in_flight.values()})
+        pending = {
+            str(p): self._pending_state(entry) for p, entry in sorted(self._in_flight.items() if in_flight else ())
+        }
         return {
             "inner_step": self.inner_step,
             "outer_steps": self.outer_steps,
-            "global_params": [f.global_.clone() for f in self.flat],
-            "momentum": [f.momentum.clone() if f.momentum is not None else None for f in self.flat],
-            "in_flight": [
-                {
-                    "slot": pending.slot.index,
-                    "part": pending.slot.part,
-                    "mean": pending.handle.wait().clone(),
-                    "weights": pending.handle.weights,
-                    "sent": self.flat[p].sent.clone() if self.compensate else None,
-                }
-                for p, pending in (self._in_flight.items() if in_flight else ())
-            ],
+            "global_params": self._per_param([f.global_ for f in self.flat]),
+            "momentum": self._per_param([f.momentum for f in self.flat]),
+            "sent": self._per_param([f.sent for f in self.flat]),
+            "normalisers": self._per_param([f.normaliser for f in self.flat]),
+            "in_flight": pending,
             "dropped": [list(key) for key in sorted(dropped)],
             "drained": [list(key) for key in sorted(self._drained)],
-            "normalisers": [f.normaliser.clone() for f in self.flat] if self.running_normaliser else None,
             "last_applied": list(self.last_applied),
             "schedule": self.schedule.state_dict() if self.adaptive else None,
             "shared": self.shared,
@@ -481,30 +535,46 @@ class OuterSync:
             "transfer_s": self.transfer_s,
         }
 
+    def checkpoint_template(self, saved: set[str]) -> dict[str, Any]:
+        """The state to load a checkpoint holding the `saved` keys into: a slot for each fragment it
+        holds in flight, laid out as this rank holds the fragment."""
+        state = self.state_dict(in_flight=False)
+        state["in_flight"] = {
+            str(f.index): {
+                "slot": None,
+                "part": None,
+                "mean": f.named_views(torch.zeros_like(f.global_)),
+                "tails": None,
+                "weights": None,
+            }
+            for f in self.flat
+            if any(key.startswith(f"in_flight.{f.index}.") for key in saved)
+        }
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner_step = int(state["inner_step"])
         self.outer_steps = int(state["outer_steps"])
         with torch.no_grad():
-            for f, global_, momentum in zip(self.flat, state["global_params"], state["momentum"], strict=True):
-                f.global_.copy_(global_)
-                if f.momentum is not None:
-                    f.momentum.copy_(momentum)
+            for key, buffers in (
+                ("global_params", [f.global_ for f in self.flat]),
+                ("momentum", [f.momentum for f in self.flat]),
+                ("sent", [f.sent for f in self.flat]),
+                ("normalisers", [f.normaliser for f in self.flat]),
+            ):
+                mine = self._per_param(buffers)
+                for name, view in (mine or {}).items():
+                    view.copy_(state[key][name])  # a no-op where a checkpoint was loaded in place
         self.last_applied = list(state["last_applied"])
         if self.adaptive:
             self.schedule.load_state_dict(state["schedule"])
         self.shared, self.step_s, self.transfer_s = state["shared"], state["step_s"], state["transfer_s"]
         self.shared_at = state["shared_at"]
-        # A checkpoint is loaded onto the CPU; what was in flight returns to the parameters' device.
-        device = self.flat[0].global_.device
         self._in_flight = {}
-        for entry in state["in_flight"]:
+        for entry in state["in_flight"].values():
             slot = self.schedule.slot(int(entry["slot"]), int(entry["part"]))
-            handle = Handle.completed(self.comm, entry["mean"].to(device), weights=entry["weights"])
-            if entry["sent"] is not None:
-                self.flat[slot.fragment].sent.copy_(entry["sent"])
+            payload = self._payload(self.flat[slot.fragment], entry)
+            handle = Handle.completed(self.comm, payload, weights=list(entry["weights"]))
             self._in_flight[slot.fragment] = _InFlight(slot, handle)
         self._drained = {(int(index), int(part)) for index, part in state["drained"]}
-        self._dropped = {(int(index), int(part)) for index, part in state.get("dropped", [])}  # older: none
-        if self.running_normaliser:
-            for f, saved in zip(self.flat, state["normalisers"], strict=True):
-                f.normaliser.copy_(saved)
+        self._dropped = {(int(index), int(part)) for index, part in state["dropped"]}
