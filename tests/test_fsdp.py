@@ -76,6 +76,7 @@ def test_fsdp_trains_as_ddp_does(runs, method):
         for name, value in whole["global_params"].items():
             torch.testing.assert_close(sharded["global_params"][name], value, atol=1e-5, rtol=0)
     if method == "cocodc":  # every rank of every region took the same decisions as under ddp
+
         def decisions(run: Path) -> list[tuple]:
             return [(r["slot"], r["fragment"], r["send_step"]) for r in read_records(run / "metrics.jsonl")
                     if r["kind"] == "decision" and r["region"] == 0]  # fmt: skip
@@ -97,9 +98,11 @@ def test_sharded_state_is_half_per_rank_and_checkpointed_once(runs):
         return sum(f.stat().st_size for f in checkpoint.region_dir(run / "checkpoints", 24, 0).glob("*.distcp"))
 
     # A region of 2 ranks writes one checkpoint: its replicas (ddp) once, its shards (fsdp) once each.
+    # Each stored chunk carries a few hundred bytes of framing (6-11% of this tiny model); a second
+    # copy would double it.
     one_copy = whole["model"] + whole["optimizer"] + whole["outer"]
     for parallel in ("ddp", "fsdp"):
-        assert one_copy <= stored(runs["diloco", parallel]) < 1.1 * one_copy, parallel
+        assert one_copy <= stored(runs["diloco", parallel]) < 1.2 * one_copy, parallel
 
 
 def test_fsdp_resume_is_bit_identical_and_reshards(runs, tmp_path):

@@ -732,3 +732,37 @@ def test_fragments_live_in_flat_buffers():
     with pytest.raises(RuntimeError, match=r"fragment 0's parameters were re-allocated after OuterSync was built"):
         outer.step()
         outer.step()  # step 2 sends fragment 0
+
+
+def test_outer_sync_over_fsdp_shards_and_refuses_orphaned_parameters(tmp_path):
+    # A real FSDP2 model on a real (one-process) gloo group: the sync keeps its state for the local
+    # shards without re-pointing them, and a model sharded after OuterSync was built is caught.
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    config = SyncConfig(method="streaming", sync_every=4, fragments=2, delay=1)
+    with gloo_group(0, str(tmp_path / "store"), world_size=1):
+        early = _streaming_model()
+        orphaning = OuterSync(early, config, CommEngine(None))
+        fully_shard(early, mesh=DeviceMesh.from_group(dist.group.WORLD, "cpu"))
+        with pytest.raises(RuntimeError, match="parameters were replaced after OuterSync was built"):
+            orphaning.step()  # step 1 sends fragment 0 (tau 1)
+
+        model = _streaming_model()
+        fully_shard(model, mesh=DeviceMesh.from_group(dist.group.WORLD, "cpu"))
+        with pytest.raises(ValueError, match="pass intra="):
+            OuterSync(model, config, CommEngine(None))
+        outer = OuterSync(model, config, CommEngine(None), intra=CommEngine(dist.group.WORLD))
+        flat = outer.flat[0]
+        assert flat.sharded and flat.live is None and flat.numel == flat.full_numel
+        shard = flat.shards[0]
+        pointer = shard.data_ptr()
+        values = flat.read_live()
+        flat.write_live(values + 1)
+        assert shard.data_ptr() == pointer  # FSDP's storage, written in place
+        assert torch.equal(flat.read_live(), values + 1)
+        numel = sum(f.numel for f in outer.flat)
+        assert outer.state_bytes() == 2 * 4 * numel  # global copy and momentum, fp32
+        for _ in range(4):
+            outer.step()
+        assert outer.in_flight_peak == 4 * max(f.numel for f in outer.flat)  # one fragment's mean at a time

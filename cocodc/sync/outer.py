@@ -81,8 +81,9 @@ class OuterSync:
     ):
         if config.method not in ("diloco", "streaming", "cocodc"):
             raise ValueError(f"OuterSync runs diloco, streaming or cocodc, not {config.method!r}")
-        if isinstance(fragments, nn.Module):
-            self.fragments: list[Fragment] = split_model(fragments, config.fragments, config.fragment_pattern)
+        self._model = fragments if isinstance(fragments, nn.Module) else None
+        if self._model is not None:
+            self.fragments: list[Fragment] = split_model(self._model, config.fragments, config.fragment_pattern)
         else:
             self.fragments = split_modules(fragments)
         self.config = config
@@ -308,6 +309,7 @@ class OuterSync:
             raise RuntimeError(f"fragment {p} is already in flight")
         flat = self.flat[p]
         flat.check_bound()
+        self._check_model()
         # The drift of the sent fragment (of every fragment, for the adaptive schedule) in one pass
         # and one host sync; it also says whether the pseudo-gradient is finite. Decided on the
         # whole fragment, so every rank of the region takes the same decision.
@@ -340,6 +342,18 @@ class OuterSync:
             # theta_g - theta_m, never written out: the engine encodes the difference.
             handle = self.comm.all_reduce_mean(flat.with_tail, codec, minus=live, exact_tail=tail, weight=weight)
         self._in_flight[p] = _InFlight(slot, handle, quorum_s=self.quorum.last_s if self.quorum else 0.0)
+
+    def _check_model(self) -> None:
+        """The model still trains the parameters the sync holds (fully_shard after OuterSync would
+        replace them, and the sync would go on averaging the orphaned ones)."""
+        if self._model is None:
+            return
+        current = {id(p) for p in self._model.parameters()}
+        if any(id(p) not in current for f in self.fragments for p in f.params):
+            raise RuntimeError(
+                "the model's parameters were replaced after OuterSync was built (fully_shard, to_empty, a new "
+                "Parameter): build OuterSync after the model is sharded and on its device"
+            )
 
     def _apply(self, pending: _InFlight) -> bool:
         """Apply a fragment's outer step (ft: if the sync committed); False if its collective
