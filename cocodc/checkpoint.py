@@ -190,7 +190,12 @@ def unpack(packed: dict[str, Any]) -> Any:
 
 def save_region(root: Path, step: int, region: int, state: dict[str, Any], group: dist.ProcessGroup | None) -> None:
     """This region's share of the step: every rank of `group` (the region's) calls it."""
-    dcp.save(state, checkpoint_id=region_dir(root, step, region), process_group=group)
+    directory = region_dir(root, step, region)
+    try:
+        dcp.save(state, checkpoint_id=directory, process_group=group)
+    except CheckpointException as err:  # a peer lost or stopped mid-save; DCP's own is no Exception
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"saving {directory} failed ({first[:300]})") from None
 
 
 def save_rank(root: Path, step: int, rank: int, state: dict[str, Any]) -> None:
@@ -199,11 +204,12 @@ def save_rank(root: Path, step: int, rank: int, state: dict[str, Any]) -> None:
     atomic_save(path, state)
 
 
-def saved_keys(root: Path, step: int, region: int) -> set[str]:
-    """The flattened keys ("outer.global_params.embed.weight", ...) a region's checkpoint holds."""
+def saved_keys(root: Path, step: int, region: int) -> dict[str, Any]:
+    """The flattened keys ("outer.tensors.global_params.embed.weight", ...) a region's checkpoint
+    holds, with DCP's metadata of each (a tensor's: its whole size and dtype)."""
     directory = region_dir(root, step, region)
     try:
-        return set(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata)
+        return dict(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata)
     except (Exception, CheckpointException) as err:  # a missing or damaged .metadata
         raise CheckpointError(f"checkpoint {directory} is corrupt or unreadable ({type(err).__name__})") from None
 

@@ -306,7 +306,7 @@ class Checkpointer:
         self.own_parts = {name: part for name, part in parts.items() if name in OWN_PARTS}
         self.params = dict(parts["model"].model.named_parameters())
 
-    def _region_state(self, saved: set[str] | None = None) -> dict[str, Any]:
+    def _region_state(self, saved: dict[str, Any] | None = None) -> dict[str, Any]:
         """The region's parts as DCP saves them (per-parameter tensors laid out like the parameters,
         packed); with the `saved` keys of a checkpoint, the form to load it into."""
         state = {}
@@ -318,6 +318,11 @@ class Checkpointer:
                 tree = part.state_dict()
             laid_out = tree if getattr(part, "distributed", False) else like_params(tree, self.params)
             state[name] = checkpoint.pack(laid_out)
+            if saved is not None:  # tensors the part creates as it trains (AdamW's state, a server's moments)
+                for key, meta in saved.items():
+                    path = key.removeprefix(prefix)
+                    if key.startswith(prefix) and path not in state[name]["tensors"]:
+                        state[name]["tensors"][path] = torch.empty(meta.size, dtype=meta.properties.dtype)
         return state
 
     def save(self, step: int) -> None:

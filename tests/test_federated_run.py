@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cocodc.checkpoint import load_rank
+from cocodc.checkpoint import load_rank, read_region
 from cocodc.config import load_config
 from cocodc.devices import DeviceProfiles
 from cocodc.federated.clients import round_arrivals, sample_clients
@@ -111,12 +111,13 @@ def test_resume_mid_run_is_bit_identical(tmp_path):
 
     assert evals("straight") == evals("resumed") and len(evals("straight")) == 3
     for rank in range(3):
-        a = load_rank(tmp_path / "straight" / "checkpoints", 4, rank)
-        b = load_rank(tmp_path / "resumed" / "checkpoints", 4, rank)
+        a = read_region(tmp_path / "straight" / "checkpoints", 4, rank)
+        b = read_region(tmp_path / "resumed" / "checkpoints", 4, rank)
         assert torch.equal(a["federated"]["vector"], b["federated"]["vector"])
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-        assert a["data"] == b["data"]
-    server = load_rank(tmp_path / "straight" / "checkpoints", 4, 0)["federated"]["strategy"]
+        own = [load_rank(tmp_path / run / "checkpoints", 4, rank) for run in ("straight", "resumed")]
+        assert own[0]["data"] == own[1]["data"]
+    server = read_region(tmp_path / "straight" / "checkpoints", 4, 0)["federated"]["strategy"]
     assert server["m"] is not None  # the server optimizer's state is part of what resumed
 
 
@@ -137,7 +138,7 @@ def test_lora_fine_tuning_sends_only_the_adapters(tmp_path):
     assert [r["bytes_up"] for r in rounds] == [4 * per_client] * 4
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
 
-    final = load_rank(tmp_path / "lora" / "checkpoints", 4, 0)["model"]
+    final = read_region(tmp_path / "lora" / "checkpoints", 4, 0)["model"]
     for name, value in base.state_dict().items():
         wrapped = name.replace(".weight", ".base_layer.weight")
         assert torch.equal(final[wrapped] if wrapped in final else final[name], value), name

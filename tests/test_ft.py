@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cocodc import checkpoint
 from cocodc.metrics import read_records
 from cocodc.sync.schedule import RoundRobinSchedule
 
@@ -49,8 +50,8 @@ def train(root: Path, name: str, *settings: str, faults: str = "") -> tuple[str,
 def global_copies(run: Path, region: int | None = None) -> list[torch.Tensor]:
     """The global copies in the last checkpoint of `region` (with ft), or of rank 0 (without)."""
     root = run / "checkpoints" / (f"region{region}" if region is not None else "")
-    saved = sorted(root.glob("step_*/rank0.pt" if region is None else "step_*/*.pt"))[-1]
-    return torch.load(saved, weights_only=False)["outer"]["global_params"]
+    saved = checkpoint.read_region(root, checkpoint.latest_step(root), region or 0)
+    return list(saved["outer"]["global_params"].values())
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +125,8 @@ def test_a_region_of_two_ranks_heals_as_one(run_root):
     run = run_root / "two-ranks"
     healed = [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "membership" and r["healed"]]
     assert [r["region"] for r in healed] == [1] and summary["ft"]["lost"] == []
-    ranks = [sorted((run / "checkpoints" / f"region{region}").glob("step_*/rank*.pt")) for region in (0, 1)]
-    copies = [torch.load(path, weights_only=False)["outer"]["global_params"] for paths in ranks for path in paths]
-    assert len(copies) == 4
-    assert all(torch.equal(a, b) for other in copies[1:] for a, b in zip(copies[0], other, strict=True))
+    copies = [global_copies(run, region) for region in (0, 1)]  # each region's 2 ranks wrote one checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(copies[0], copies[1], strict=True))
 
 
 def test_an_ft_run_stopped_and_resumed_matches_one_that_never_stopped(run_root):

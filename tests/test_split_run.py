@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cocodc.checkpoint import load_rank
+from cocodc.checkpoint import read_region
 from cocodc.config import load_config
 from cocodc.data import ByteTokenizer, ShardLoader, load_client_data
 from cocodc.metrics import read_records
@@ -30,8 +30,8 @@ def train(root: Path, name: str, *settings: str, flags: tuple[str, ...] = (), en
 
 def split_parameters(run: Path, step: int, config) -> dict[str, torch.Tensor]:
     """The model as trained: worker 0's part (from its executor's checkpoint) and the server's."""
-    server = load_rank(run / "checkpoints", step, 0)["model"]
-    worker = load_rank(run / "checkpoints", step, 1)["split"]["workers"][0]["model"]
+    server = read_region(run / "checkpoints", step, 0)["model"]
+    worker = read_region(run / "checkpoints", step, 1)["split"]["workers"]["0"]["model"]
     return {n: (worker[n] if on_worker(n, config.split.cut, config.split.shape) else server[n]) for n in server}
 
 
@@ -86,7 +86,7 @@ def test_merged_features_equal_training_on_the_concatenated_batch(tmp_path):
     result = train(tmp_path, "merged", *settings)
     assert result.returncode == 0, result.stderr[-4000:]
     trained = split_parameters(tmp_path / "merged", 4, config)
-    other = load_rank(tmp_path / "merged" / "checkpoints", 4, 2)["split"]["workers"][1]["model"]
+    other = read_region(tmp_path / "merged" / "checkpoints", 4, 2)["split"]["workers"]["1"]["model"]
     expected = ordinary_training(config, worker_batches(config, 2))
     for name, value in expected.items():
         torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6)
@@ -169,8 +169,8 @@ def test_resume_is_bit_identical(tmp_path):
     resumed = train(tmp_path, "resumed", *settings, flags=("--resume",))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     for rank in range(3):
-        a = load_rank(tmp_path / "straight" / "checkpoints", 4, rank)
-        b = load_rank(tmp_path / "resumed" / "checkpoints", 4, rank)
+        a = read_region(tmp_path / "straight" / "checkpoints", 4, rank)
+        b = read_region(tmp_path / "resumed" / "checkpoints", 4, rank)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         for w, state in a["split"]["workers"].items():
             other = b["split"]["workers"][w]
