@@ -110,6 +110,7 @@ def test_fsdp_resume_is_bit_identical_and_reshards(runs, tmp_path):
     settings = [*METHODS["cocodc"], "topology.parallel=fsdp", "checkpoint.every=4"]
     stopped = train(tmp_path, "stopped", *settings, flags=("--stop-at", "13"))  # fragment 1 in flight
     assert saved(stopped, 13)["outer"]["in_flight"].keys() == {"1"}
+    at_13 = saved(stopped, 13)["outer"]["global_params"]  # before the resume below prunes it
     for name in ("as-ddp", "as-one-shard"):
         shutil.copytree(stopped, tmp_path / name)
 
@@ -123,7 +124,6 @@ def test_fsdp_resume_is_bit_identical_and_reshards(runs, tmp_path):
 
     # A region of 2 shards continued by one rank, whole (ddp) or as one shard (fsdp): the global
     # copy it resumes with is the saved one (nothing is applied before step 16).
-    at_13 = saved(stopped, 13)["outer"]["global_params"]
     for name, parallel in (("as-ddp", "ddp"), ("as-one-shard", "fsdp")):
         one = ["topology.ranks_per_region=1", f"topology.parallel={parallel}"]
         run = train(tmp_path, name, *settings, *one, flags=("--resume", "--stop-at", "15"))
