@@ -329,7 +329,10 @@ class Checkpointer:
         t = self.topology
         region_state = self._region_state()
         own = {name: part.state_dict() for name, part in self.own_parts.items()}
-        checkpoint.save_region(self.root, step, t.region, region_state, t.intra_group)
+        try:
+            checkpoint.save_region(self.root, step, t.region, region_state, t.intra_group)
+        except checkpoint.CheckpointError as err:  # a peer of the region lost mid-save: rescue what this rank has
+            raise CommError(str(err)) from None
         checkpoint.save_rank(self.root, step, t.rank, {"step": step, **own})
         self.world.barrier()
         if t.is_leader:
