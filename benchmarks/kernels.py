@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from cocodc import checkpoint
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cocodc import kernels  # noqa: E402
 from cocodc.comm.codec import get_codec  # noqa: E402
@@ -266,9 +268,10 @@ def training_runs(config_file: str, settings: list[str], scratch: Path) -> dict:
         if entry["rc"]:
             raise SystemExit(f"{name} run failed (exit {entry['rc']})")
         summary = json.loads((scratch / name / "summary.json").read_text())
-        last = max((scratch / name / "checkpoints").glob("step_*"))
-        state = torch.load(last / "rank0.pt", map_location="cpu")
-        finals[name] = (summary["final_eval_loss"], torch.cat(state["outer"]["global_params"]), summary["kernels"])
+        root = scratch / name / "checkpoints"
+        state = checkpoint.read_region(root, checkpoint.latest_step(root), 0)
+        copy = torch.cat([t.reshape(-1) for t in state["outer"]["global_params"].values()])
+        finals[name] = (summary["final_eval_loss"], copy, summary["kernels"])
 
     def apart(a: str, b: str) -> dict:
         (loss_a, copy_a, _), (loss_b, copy_b, _) = finals[a], finals[b]
