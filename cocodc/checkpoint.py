@@ -107,6 +107,11 @@ def atomic_save(path: Path, state: dict[str, Any]) -> None:
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
 def region_dir(root: Path, step: int, region: int) -> Path:
     return step_dir(root, step) / f"region{region}"
 
@@ -194,8 +199,7 @@ def save_region(root: Path, step: int, region: int, state: dict[str, Any], group
     try:
         dcp.save(state, checkpoint_id=directory, process_group=group)
     except CheckpointException as err:  # a peer lost or stopped mid-save; DCP's own is no Exception
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"saving {directory} failed ({first[:300]})") from None
+        raise CheckpointError(f"saving {directory} failed ({_first_line(err)})") from None
 
 
 def save_rank(root: Path, step: int, rank: int, state: dict[str, Any]) -> None:
@@ -220,8 +224,7 @@ def load_region(root: Path, step: int, region: int, state: dict[str, Any], group
     try:
         dcp.load(state, checkpoint_id=directory, process_group=group)
     except (Exception, CheckpointException) as err:  # DCP's own is no Exception
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {directory} cannot be loaded into this run ({first[:300]})") from None
+        raise CheckpointError(f"checkpoint {directory} cannot be loaded into this run ({_first_line(err)})") from None
 
 
 def read_region(root: Path, step: int, region: int) -> dict[str, Any]:
