@@ -564,11 +564,6 @@ def _validate_ft(config: Config) -> None:
     f = config.ft
     if not f.enabled:
         return
-    if config.topology.parallel == "fsdp":
-        raise ConfigError(
-            "ft.enabled with topology.parallel fsdp is not built yet (a healing rank would take rank i's shards "
-            "from a peer): use topology.parallel ddp with ft"
-        )
     if config.mode != "regions" or config.sync.method == "ddp":
         raise ConfigError(
             f"ft.enabled needs mode regions with an outer sync (sync.method diloco, streaming or cocodc), "

@@ -85,6 +85,22 @@ def local_tree(tree: Any) -> Any:
     return local(tree) if isinstance(tree, torch.Tensor) else tree
 
 
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict with its DTensors as their local shards: what rank i of a region
+    sends to rank i of a healing peer laid out alike (torchft's transport re-creates no mesh)."""
+    return local_tree(optimizer.state_dict())
+
+
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """The inverse of `local_optimizer_state`: each sharded parameter's state tensors become
+    DTensors laid out like the parameter again (AdamW steps a DTensor with DTensor moments)."""
+    optimizer.load_state_dict(state)
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:  # AdamW's `step` is a scalar, unsharded
+                param_state[key] = _as_dtensor(value, param)
+
+
 def _as_dtensor(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if not isinstance(param, DTensor):
         return shard

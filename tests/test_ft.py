@@ -11,7 +11,9 @@ import torch
 import torch.distributed as dist
 
 from cocodc import checkpoint
+from cocodc.comm import CommError
 from cocodc.metrics import read_records
+from cocodc.modes.regions import check_layout
 from cocodc.sync.schedule import RoundRobinSchedule
 
 from conftest import FAST, TINY, cocodc, overrides
@@ -109,14 +111,16 @@ def test_a_region_lost_for_good_is_named_and_the_others_finish(run_root):
     assert not (run_root / "lost" / "summary-region2.json").exists()
 
 
-def test_a_region_of_two_ranks_heals_as_one(run_root):
+def test_a_sharded_region_of_two_ranks_heals_as_one(run_root):
     # Both ranks of region 1 die (its machine), torchrun restarts them together, and they heal
-    # together: rank i from rank i of region 0.
+    # together: rank i takes its shards (FSDP2) from rank i of region 0. (A replicated region heals
+    # by the same code, its "shards" whole.)
     _, summary = train(
         run_root,
         "two-ranks",
         "topology.regions=2",
         "topology.ranks_per_region=2",
+        "topology.parallel=fsdp",
         "train.steps=120",
         "ft.enabled=true",
         "wan.latency_ms=300",
@@ -127,6 +131,17 @@ def test_a_region_of_two_ranks_heals_as_one(run_root):
     assert [r["region"] for r in healed] == [1] and summary["ft"]["lost"] == []
     copies = [global_copies(run, region) for region in (0, 1)]  # each region's 2 ranks wrote one checkpoint
     assert all(torch.equal(a, b) for a, b in zip(copies[0], copies[1], strict=True))
+
+
+def test_a_peer_laid_out_otherwise_is_a_one_line_error():
+    mine = {"parallel": "fsdp", "ranks_per_region": 2, "rank": 1}
+    check_layout(mine, dict(mine), 1)
+    with pytest.raises(CommError) as err:
+        check_layout(mine, {"parallel": "ddp", "ranks_per_region": 2, "rank": 1}, 1)
+    assert str(err.value) == (
+        "region 1 cannot heal from a peer laid out as ddp over 2 ranks, rank 1 (this rank: fsdp over 2 ranks, "
+        "rank 1): every region must run the same topology.parallel and topology.ranks_per_region"
+    )
 
 
 def test_an_ft_run_stopped_and_resumed_matches_one_that_never_stopped(run_root):

@@ -18,7 +18,7 @@ from cocodc.comm import CommEngine, CommError
 from cocodc.comm.wan import LinkModel
 from cocodc.config import Config
 from cocodc.modes.faults import FAULTS_ENV, parse_faults
-from cocodc.parallel import replicate_region, shard_region
+from cocodc.parallel import load_local_optimizer_state, local_optimizer_state, replicate_region, shard_region
 from cocodc.sync import OuterSync
 from cocodc.topology import RESTART_ENV, Topology
 from cocodc.trainer import Stateful, Trainer
@@ -46,6 +46,19 @@ def wan_engine(config: Config, topology: Topology) -> CommEngine:
     if link is not None and region_of is not None:
         link = link.for_ranks(region_of)
     return CommEngine(group, link, name=name, members=members, timeout_s=config.topology.timeout_s)
+
+
+def check_layout(mine: dict[str, Any], peer: dict[str, Any], region: int) -> None:
+    """That a peer's state (`peer`: its layout) fits this rank's; else a one-line CommError."""
+    if mine != peer:
+        raise CommError(
+            f"region {region} cannot heal from a peer laid out as {_shown(peer)} (this rank: {_shown(mine)}): "
+            "every region must run the same topology.parallel and topology.ranks_per_region"
+        )
+
+
+def _shown(layout: dict[str, Any]) -> str:
+    return f"{layout['parallel']} over {layout['ranks_per_region']} ranks, rank {layout['rank']}"
 
 
 class RegionsMode:
@@ -128,19 +141,27 @@ class RegionsMode:
         waits for the quorum, which returns once the healing region has received it all)."""
         t = self.trainer
         return {
+            "layout": self.layout(),
             "step": t.step,
             "outer": self.outer.state_dict(in_flight=False),
-            "optimizer": t.optimizer.state_dict(),
+            "optimizer": local_optimizer_state(t.optimizer),
             "totals": t.totals.state_dict(),
         }
+
+    def layout(self) -> dict[str, Any]:
+        """How this rank holds its state: rank i of a region heals from rank i of a peer, so the
+        two must hold the same shards."""
+        t = self.topology
+        return {"parallel": self.config.topology.parallel, "ranks_per_region": t.ranks_per_region, "rank": t.local_index}
 
     def _heal(self, state: dict[str, Any]) -> None:
         """Take a peer's state: its global copy, outer and schedule state, inner optimizer and step;
         the live parameters start from the global copy, this region's shard where its step is."""
         t = self.trainer
+        check_layout(self.layout(), state["layout"], self.topology.region)
         self.outer.load_state_dict(state["outer"])
         self.outer.take_global()
-        t.optimizer.load_state_dict(state["optimizer"])
+        load_local_optimizer_state(t.optimizer, state["optimizer"])
         t.totals.load_state_dict(state["totals"])
         self._skip = int(state["step"]) - t.step
         t.step = t.start_step = int(state["step"])
