@@ -152,7 +152,11 @@ class RegionsMode:
         """How this rank holds its state: rank i of a region heals from rank i of a peer, so the
         two must hold the same shards."""
         t = self.topology
-        return {"parallel": self.config.topology.parallel, "ranks_per_region": t.ranks_per_region, "rank": t.local_index}
+        return {
+            "parallel": self.config.topology.parallel,
+            "ranks_per_region": t.ranks_per_region,
+            "rank": t.local_index,
+        }
 
     def _heal(self, state: dict[str, Any]) -> None:
         """Take a peer's state: its global copy, outer and schedule state, inner optimizer and step;
