@@ -21,6 +21,7 @@ import os
 import pickle
 import shutil
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from cocodc.config import Config
 
@@ -200,6 +203,42 @@ def save_region(root: Path, step: int, region: int, state: dict[str, Any], group
         dcp.save(state, checkpoint_id=directory, process_group=group)
     except CheckpointException as err:  # a peer lost or stopped mid-save; DCP's own is no Exception
         raise CheckpointError(f"saving {directory} failed ({_first_line(err)})") from None
+
+
+def save_region_async(root: Path, step: int, region: int, state: dict[str, Any], group: dist.ProcessGroup) -> Future:
+    """`save_region` on a background thread, once `state` is copied to host memory (on return): the
+    future fails with DCP's error. `group` must not be used by another thread meanwhile."""
+    directory = region_dir(root, step, region)
+    return dcp.async_save(state, checkpoint_id=directory, process_group=group, async_stager=HostCopy())
+
+
+class HostCopy(AsyncStager):
+    """Stages a state for an async save as a copy in host memory. DCP's own stager copies a DTensor
+    through its wrapper's storage, which is invalid for a local shard that is a view at an offset
+    (the outer sync's per-parameter views of its flat buffers): torch 2.13 fails there."""
+
+    _synchronize_after_execute = False  # the copy is complete when `stage` returns
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return _host_copy(state_dict)
+
+    def close(self) -> None:
+        pass
+
+
+def _host_copy(tree: Any) -> Any:
+    if isinstance(tree, DTensor):
+        shard = tree.to_local().to("cpu", copy=True)
+        return DTensor.from_local(
+            shard, tree.device_mesh, tree.placements, run_check=False, shape=tree.shape, stride=tree.stride()
+        )
+    if isinstance(tree, torch.Tensor):
+        return tree.to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {key: _host_copy(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_host_copy(value) for value in tree)
+    return tree
 
 
 def save_rank(root: Path, step: int, rank: int, state: dict[str, Any]) -> None:

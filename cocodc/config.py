@@ -104,6 +104,10 @@ class SyncConfig:
     # The adaptive schedule's share of the link: where the measured transfers leave the link idle,
     # a slot carries as many fragments as fit in this share of its time (0: one a slot).
     link_share: float = 0.0
+    # Where the outer state (global copy, momentum, normaliser, theta_send) lives: beside the model
+    # ("device"), or in host memory ("host": pinned on CUDA; the outer step then runs on the CPU,
+    # the live values crossing to the host and back at each sync). On a CPU run both are RAM.
+    outer_state: Literal["device", "host"] = "device"
 
     @property
     def compensation_lambda(self) -> float:
@@ -196,6 +200,10 @@ class WandbConfig:
 class CheckpointConfig:
     every: int = 0  # 0: only at the end
     keep: int = 2
+    # Write the region's checkpoint on a background thread once its state is copied to host memory
+    # (torch.distributed.checkpoint's async_save); the step is committed when every rank's files are
+    # in, at the latest when the next save begins.
+    async_save: bool = False
 
 
 @dataclass

@@ -40,6 +40,9 @@ class Topology:
     intra_group: dist.ProcessGroup
     inter_group: dist.ProcessGroup | None
     job_rank: int  # in this torchrun job: the world, or with ft the region
+    # checkpoint.async_save: gloo groups of the region's ranks and of the job's, for the background
+    # thread's collectives (a group is not shared between threads).
+    save_groups: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None
 
     @property
     def region(self) -> int:
@@ -89,6 +92,11 @@ def init_topology(config: Config) -> Topology:
     world = dist.new_group(list(range(world_size)), timeout=timeout)
     intra = [dist.new_group([m * per_region + i for i in range(per_region)], timeout=timeout) for m in range(regions)]
     inter = [dist.new_group([m * per_region + i for m in range(regions)], timeout=timeout) for i in range(per_region)]
+    save_groups = None
+    if config.checkpoint.async_save:
+        ranks = [[m * per_region + i for i in range(per_region)] for m in range(regions)]
+        save_regions = [dist.new_group(r, timeout=timeout, backend="gloo") for r in ranks]
+        save_groups = (save_regions[rank // per_region], dist.new_group(timeout=timeout, backend="gloo"))
     return Topology(
         rank=rank,
         world_size=world_size,
@@ -100,6 +108,7 @@ def init_topology(config: Config) -> Topology:
         intra_group=intra[rank // per_region],
         inter_group=inter[rank % per_region],
         job_rank=rank,
+        save_groups=save_groups,
     )
 
 
@@ -121,6 +130,7 @@ def _init_region_job(config: Config, world_size: int) -> Topology:
     device = _join_job(config)
     local = dist.get_rank()
     group = dist.new_group(list(range(per_region)), timeout=_group_timeout(config))
+    saving = dist.new_group(timeout=_group_timeout(config), backend="gloo") if config.checkpoint.async_save else None
     return Topology(
         rank=region * per_region + local,
         world_size=regions * per_region,
@@ -132,6 +142,7 @@ def _init_region_job(config: Config, world_size: int) -> Topology:
         intra_group=group,
         inter_group=None,
         job_rank=local,
+        save_groups=(saving, saving) if saving is not None else None,
     )
 
 

@@ -13,8 +13,10 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -297,7 +299,10 @@ class Checkpointer:
     """Saves and restores the named stateful parts: the region's in one sharded checkpoint, each
     rank's own in a small file (checkpoint.py). A resume with another number of ranks per region,
     or the other parallelism, reshards the region's parts; each rank's own parts then continue from
-    the saved ranks' (`load_resharded` where a part has it, else the region's first rank's)."""
+    the saved ranks' (`load_resharded` where a part has it, else the region's first rank's).
+
+    With checkpoint.async_save, a save returns once the region's state is copied to host memory; a
+    background thread writes it and commits the step, and the next save (or `wait`) waits for it."""
 
     def __init__(self, config: Config, topology: Topology, world: CommEngine, parts: dict[str, Stateful]):
         self.config, self.topology, self.world, self.parts = config, topology, world, parts
@@ -305,6 +310,8 @@ class Checkpointer:
         self.region_parts = {name: part for name, part in parts.items() if name not in OWN_PARTS}
         self.own_parts = {name: part for name, part in parts.items() if name in OWN_PARTS}
         self.params = dict(parts["model"].model.named_parameters())
+        self._writing: threading.Thread | None = None  # an async save not yet committed
+        self._failure: str | None = None  # why it failed
 
     def _region_state(self, saved: dict[str, Any] | None = None) -> dict[str, Any]:
         """The region's parts as DCP saves them (per-parameter tensors laid out like the parameters,
@@ -326,17 +333,45 @@ class Checkpointer:
         return state
 
     def save(self, step: int) -> None:
+        self.wait()
         t = self.topology
         region_state = self._region_state()
         own = {name: part.state_dict() for name, part in self.own_parts.items()}
+        checkpoint.save_rank(self.root, step, t.rank, {"step": step, **own})
+        if t.save_groups is not None:
+            region_group, job_group = t.save_groups
+            future = checkpoint.save_region_async(self.root, step, t.region, region_state, region_group)
+            self._writing = threading.Thread(
+                target=self._commit_when_written, args=(step, future, job_group), name="checkpoint", daemon=True
+            )
+            self._writing.start()
+            return
         try:
             checkpoint.save_region(self.root, step, t.region, region_state, t.intra_group)
         except checkpoint.CheckpointError as err:  # a peer of the region lost mid-save: rescue what this rank has
             raise CommError(str(err)) from None
-        checkpoint.save_rank(self.root, step, t.rank, {"step": step, **own})
         self.world.barrier()
         if t.is_leader:
             checkpoint.commit(self.root, step, self.config, self.config.checkpoint.keep)
+
+    def _commit_when_written(self, step: int, future: Future, job_group: dist.ProcessGroup) -> None:
+        try:
+            future.result()
+            dist.barrier(group=job_group)
+            if self.topology.is_leader:
+                checkpoint.commit(self.root, step, self.config, self.config.checkpoint.keep)
+        except BaseException as err:  # DCP's CheckpointException is no Exception
+            self._failure = f"saving {checkpoint.step_dir(self.root, step)} failed ({first_line(err)})"
+
+    def wait(self) -> None:
+        """The async save in progress, written and committed (a CommError if it failed: a peer lost)."""
+        if self._writing is None:
+            return
+        self._writing.join()
+        self._writing = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise CommError(failure)
 
     def restore(self, step: int) -> None:
         t = self.topology
@@ -518,12 +553,14 @@ class Trainer:
 
         if self.step < steps:  # stopped early on purpose
             save()
+            checkpointer.wait()
             self.metrics.print(f"stopped after step {self.step}; continue with --resume")
             return None
         self.metrics.records(mode.finish())
         final_loss = self.evaluate(mode)
         if self.step > self.start_step:
             save()
+            checkpointer.wait()
         totals.wall_s = segment_wall + time.perf_counter() - segment_start
         summary = self._summary(mode, final_loss, tokens_per_step)
         self.metrics.summary(summary)
@@ -571,12 +608,15 @@ class Trainer:
 
     def state_bytes(self, mode: Mode) -> dict[str, int]:
         """This rank's training state in bytes: parameters, gradients (at their first backward),
-        inner optimizer, the mode's own state (the outer sync's buffers) and the most that fragments
-        in flight held at once."""
+        inner optimizer, the mode's own state (the outer sync's buffers, `outer_host` those it keeps
+        in host memory) and the most that fragments in flight held at once."""
         return {
             "model": storage_bytes(self.model.parameters()),
             "grads": self.grad_bytes or 0,
             "optimizer": storage_bytes(tensors_in(self.optimizer.state_dict()["state"])),
+            "outer": 0,
+            "outer_host": 0,
+            "in_flight_peak": 0,
             **mode.state_bytes(),
         }
 

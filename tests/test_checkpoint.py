@@ -6,7 +6,7 @@ import torch
 from cocodc import checkpoint
 from cocodc.config import load_config
 
-from conftest import TINY
+from conftest import TINY, gloo_group
 
 
 def save_complete(root, step, config, world_size=1, keep=2):
@@ -96,3 +96,23 @@ def test_the_older_one_file_per_rank_format_is_refused_with_what_to_do(tmp_path)
     checkpoint.commit(tmp_path, 5, config, keep=2)
     with pytest.raises(checkpoint.CheckpointError, match="older one-file-per-rank format.*start anew"):
         checkpoint.check_compatible(tmp_path, 5, config, range(2))
+
+
+def test_an_async_save_writes_a_host_copy_taken_before_training_goes_on(tmp_path):
+    # The outer sync's state is per-parameter views at offsets of its flat buffers, as DTensors:
+    # DCP's own stager fails on those (torch 2.13); ours copies them, before the save returns.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    with gloo_group(0, str(tmp_path / "store"), world_size=1):
+        mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
+        flat = torch.arange(12.0)
+        view = DTensor.from_local(flat[4:10].view(2, 3), mesh, [Shard(0)], run_check=False, shape=(2, 3), stride=(3, 1))
+        state = {"outer": checkpoint.pack({"global_params": {"w": view}, "step": flat[:1]})}
+        future = checkpoint.save_region_async(tmp_path, 1, 0, state, dist.group.WORLD)
+        flat.add_(100)  # training goes on while the thread writes
+        future.result()
+    read = checkpoint.read_region(tmp_path, 1, 0)["outer"]
+    assert torch.equal(read["global_params"]["w"], torch.arange(4.0, 10.0).view(2, 3))
+    assert torch.equal(read["step"], torch.zeros(1))

@@ -37,6 +37,9 @@ METHODS = {
         "sync.adaptive_delay=false",
     ],
 }
+# The streaming run under fsdp keeps its outer state in host memory (on this CPU, the same RAM:
+# the accounting and the arithmetic are what it checks).
+ON_HOST = {"streaming": ["sync.outer_state=host"]}
 
 
 def train(root: Path, name: str, *settings: str, flags: tuple[str, ...] = ()) -> Path:
@@ -59,7 +62,13 @@ def runs(tmp_path_factory) -> dict[tuple[str, str], Path]:
     """Every method under ddp and under fsdp, 2 regions x 2 ranks: one launch each, shared by the tests."""
     root = tmp_path_factory.mktemp("fsdp")
     return {
-        (method, parallel): train(root, f"{method}-{parallel}", *settings, f"topology.parallel={parallel}")
+        (method, parallel): train(
+            root,
+            f"{method}-{parallel}",
+            *settings,
+            f"topology.parallel={parallel}",
+            *(ON_HOST.get(method, []) if parallel == "fsdp" else []),
+        )
         for method, settings in METHODS.items()
         for parallel in ("ddp", "fsdp")
     }
@@ -93,6 +102,9 @@ def test_sharded_state_is_half_per_rank_and_checkpointed_once(runs):
         assert half[key] * 2 == whole[key], key
     assert 0.45 * whole["optimizer"] < half["optimizer"] < 0.55 * whole["optimizer"]  # AdamW's step counts aside
     assert whole["outer"] == 2 * whole["model"]  # global copy and outer momentum, fp32
+    device, host = summary(runs["streaming", "ddp"]), summary(runs["streaming", "fsdp"])
+    assert host["state_bytes_per_rank"]["outer"] == 0
+    assert host["state_bytes_per_rank"]["outer_host"] * 2 == device["state_bytes_per_rank"]["outer"]
 
     def stored(run: Path) -> int:
         return sum(f.stat().st_size for f in checkpoint.region_dir(run / "checkpoints", 24, 0).glob("*.distcp"))
@@ -108,19 +120,24 @@ def test_sharded_state_is_half_per_rank_and_checkpointed_once(runs):
 def test_fsdp_resume_is_bit_identical_and_reshards(runs, tmp_path):
     straight = runs["cocodc", "fsdp"]
     settings = [*METHODS["cocodc"], "topology.parallel=fsdp", "checkpoint.every=4"]
-    stopped = train(tmp_path, "stopped", *settings, flags=("--stop-at", "13"))  # fragment 1 in flight
+    # Steps 4, 8 and 12 saved on a background thread (each committed when the next save began),
+    # 13 (the stop) waited for.
+    stopped = train(tmp_path, "stopped", *settings, "checkpoint.async_save=true", flags=("--stop-at", "13"))
     assert saved(stopped, 13)["outer"]["in_flight"].keys() == {"1"}
     at_13 = saved(stopped, 13)["outer"]["global_params"]  # before the resume below prunes it
-    for name in ("as-ddp", "as-one-shard"):
+    for name in ("as-ddp", "as-one-shard", "from-async"):
         shutil.copytree(stopped, tmp_path / name)
+    shutil.rmtree(checkpoint.step_dir(tmp_path / "from-async" / "checkpoints", 13))
+    (tmp_path / "from-async" / "checkpoints" / "LATEST").write_text("12\n")
 
-    resumed = train(tmp_path, "stopped", *settings, flags=("--resume",))
-    assert summary(resumed)["final_eval_loss"] == summary(straight)["final_eval_loss"]
-    a, b = saved(straight, 24), saved(resumed, 24)
-    for name, value in a["model"].items():
-        assert torch.equal(value, b["model"][name]), name
-    for name, value in a["outer"]["global_params"].items():
-        assert torch.equal(value, b["outer"]["global_params"][name]), name
+    for name in ("stopped", "from-async"):
+        resumed = train(tmp_path, name, *settings, flags=("--resume",))
+        assert summary(resumed)["final_eval_loss"] == summary(straight)["final_eval_loss"], name
+        a, b = saved(straight, 24), saved(resumed, 24)
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (name, key)
+        for key, value in a["outer"]["global_params"].items():
+            assert torch.equal(value, b["outer"]["global_params"][key]), (name, key)
 
     # A region of 2 shards continued by one rank, whole (ddp) or as one shard (fsdp): the global
     # copy it resumes with is the saved one (nothing is applied before step 16).

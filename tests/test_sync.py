@@ -715,6 +715,35 @@ def test_compensation_lambda_defaults_by_rule():
     assert SyncConfig(method="cocodc", dc_lambda=0.0).compensation_lambda == 0.0
 
 
+def test_outer_state_on_the_host_gives_the_same_numbers_and_leaves_the_device_none():
+    # CoCoDC with the AdamW weight and the adaptive schedule, the state every sync keeps. On this
+    # CPU-only machine "device" is the CPU too, so what can be seen here is the accounting and
+    # the outer step's arithmetic unchanged; on CUDA the buffers are pinned host memory.
+    def run(where: str) -> tuple[OuterSync, list[torch.Tensor]]:
+        model = _streaming_model()
+        config = SyncConfig(method="cocodc", sync_every=4, fragments=2, schedule="adaptive", outer_state=where)
+        outer = OuterSync(model, config, CommEngine(None))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        outer.attach(optimizer)
+        torch.manual_seed(1)
+        for _ in range(12):
+            optimizer.zero_grad()
+            model(torch.randint(0, 16, (2, 8))).square().mean().backward()
+            optimizer.step()
+        outer.finish()
+        return outer, [p.detach().clone() for p in model.parameters()]
+
+    (device, device_live), (host, host_live) = run("device"), run("host")
+    assert device.outer_steps == host.outer_steps > 2
+    assert all(torch.equal(a, b) for a, b in zip(device_live, host_live, strict=True))
+    for a, b in zip(device.flat, host.flat, strict=True):
+        assert torch.equal(a.global_, b.global_) and torch.equal(a.momentum, b.momentum)
+        assert b.home == torch.device("cpu")
+    held = 4 * sum(f.with_tail.numel() + 2 * f.numel for f in device.flat)  # global + tail, momentum, theta_send
+    assert device.state_bytes() == {"outer": held, "outer_host": 0}
+    assert host.state_bytes() == {"outer": 0, "outer_host": held}
+
+
 def test_fragments_live_in_flat_buffers():
     # The live parameters become views of one buffer per fragment (the Parameter objects stay), and
     # a model moved after OuterSync was built is caught rather than silently left out of the sync.
@@ -762,7 +791,7 @@ def test_outer_sync_over_fsdp_shards_and_refuses_orphaned_parameters(tmp_path):
         assert shard.data_ptr() == pointer  # FSDP's storage, written in place
         assert torch.equal(flat.read_live(), values + 1)
         numel = sum(f.numel for f in outer.flat)
-        assert outer.state_bytes() == 2 * 4 * numel  # global copy and momentum, fp32
+        assert outer.state_bytes() == {"outer": 2 * 4 * numel, "outer_host": 0}  # global copy and momentum, fp32
         for _ in range(4):
             outer.step()
         assert outer.in_flight_peak == 4 * max(f.numel for f in outer.flat)  # one fragment's mean at a time

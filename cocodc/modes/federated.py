@@ -264,7 +264,7 @@ class FederatedMode:
 
     def state_bytes(self) -> dict[str, int]:
         # Its transfers complete within the step (a round) that starts them: none stay in flight.
-        return {"outer": storage_bytes(tensors_in([p.state_dict() for p in self.parts.values()])), "in_flight_peak": 0}
+        return {"outer": storage_bytes(tensors_in([p.state_dict() for p in self.parts.values()]))}
 
     def describe(self) -> str:
         f, c = self.federation, self.config

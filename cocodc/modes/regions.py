@@ -98,8 +98,8 @@ class RegionsMode:
 
     def state_bytes(self) -> dict[str, int]:
         if self.outer is None:
-            return {"outer": 0, "in_flight_peak": 0}
-        return {"outer": self.outer.state_bytes(), "in_flight_peak": self.outer.in_flight_peak}
+            return {}
+        return {**self.outer.state_bytes(), "in_flight_peak": self.outer.in_flight_peak}
 
     def step(self, trainer: Trainer) -> tuple[float, float]:
         loss, compute_s = trainer.inner_step(self.train_model, self.wan)

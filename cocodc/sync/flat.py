@@ -9,6 +9,10 @@ collective, so [values | tail] goes out as one contiguous tensor.
 Sharded parameters (DTensors, FSDP2) are never re-pointed: FSDP owns their storage. The flat
 buffers then cover this rank's local shards only, and the live values are copied out of and back
 into the shards around a sync (`read_live` / `write_live`), a transient buffer of the local size.
+
+With `host`, the fp32 buffers live in host memory (pinned where the parameters are on CUDA) and the
+outer sync runs its math there: the device keeps no outer state, at the price of moving a fragment's
+live values to the host and back at each sync.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from cocodc.sync.fragments import Fragment
 
 
 class FlatFragment:
-    def __init__(self, fragment: Fragment, *, momentum: bool, normaliser: bool, sent: bool, tail: int = 0):
+    def __init__(
+        self, fragment: Fragment, *, momentum: bool, normaliser: bool, sent: bool, tail: int = 0, host: bool = False
+    ):
         params = fragment.params
         # A DTensor's local shard; duck-typed so that sync/ stays free of torch.distributed.
         self.sharded = any(hasattr(p, "to_local") for p in params)
@@ -35,6 +41,8 @@ class FlatFragment:
         self.numel = sum(self.sizes)  # on this rank
         self.full_numel = fragment.numel  # of the whole fragment, over the region's shards
         (dtype,), (device,) = dtypes, devices
+        self.device = device  # the live parameters'
+        self.home = torch.device("cpu") if host else device  # the outer state's
         self.live: torch.Tensor | None = None  # whole parameters: the buffer they are views of
         if not self.sharded:
             self.live = torch.empty(self.numel, dtype=dtype, device=device)
@@ -43,13 +51,14 @@ class FlatFragment:
                     view.copy_(param)
                     param.data = view
         self._pointers = self._shard_pointers()
-        self.with_tail = torch.zeros(self.numel + tail, dtype=torch.float32, device=device)
+        pinned = self.home != device and device.type == "cuda"
+        self.with_tail = torch.zeros(self.numel + tail, dtype=torch.float32, device=self.home, pin_memory=pinned)
         self.global_ = self.with_tail[: self.numel]
         self.global_.copy_(self.read_live())
         self.tail = self.with_tail[self.numel :]
-        self.momentum = torch.zeros_like(self.global_) if momentum else None
-        self.normaliser = torch.zeros_like(self.global_) if normaliser else None
-        self.sent = torch.zeros_like(self.global_) if sent else None
+        self.momentum = torch.zeros_like(self.global_, pin_memory=pinned) if momentum else None
+        self.normaliser = torch.zeros_like(self.global_, pin_memory=pinned) if normaliser else None
+        self.sent = torch.zeros_like(self.global_, pin_memory=pinned) if sent else None
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """`flat` cut into the fragment's (local) parameter shapes (views, no copy)."""
@@ -64,6 +73,10 @@ class FlatFragment:
         if self.live is not None:
             return self.live
         return torch.cat([t.detach().reshape(-1) for t in self.shards])
+
+    def read_live_home(self) -> torch.Tensor:
+        """The live values where the outer state lives (a copy on the host with `host`)."""
+        return self.read_live().to(self.home)
 
     def write_live(self, values: torch.Tensor) -> None:
         """The live parameters take `values` (flat layout)."""

@@ -127,6 +127,7 @@ class OuterSync:
                 normaliser=self.running_normaliser,
                 sent=self.compensate,
                 tail=count + 2 if self.adaptive and not self.cut else 0,
+                host=config.outer_state == "host",
             )
             for f in self.fragments
         ]
@@ -314,8 +315,8 @@ class OuterSync:
         # and one host sync; it also says whether the pseudo-gradient is finite. Decided on the
         # whole fragment, so every rank of the region takes the same decision.
         sending = self.flat if self.adaptive else [flat]
-        live = flat.read_live()
-        sums = kernels.square_sums([(f.global_, live if f is flat else f.read_live()) for f in sending])
+        live = flat.read_live_home()
+        sums = kernels.square_sums([(f.global_, live if f is flat else f.read_live_home()) for f in sending])
         times = [self.step_s, self.transfer_s]
         if self.shards:  # over the region's shards: sums of the drift, means of the times
             reduced = self.intra.all_reduce_mean(torch.cat([sums.float(), sums.new_tensor(times)])).wait()
@@ -389,7 +390,7 @@ class OuterSync:
             self.transfer_s = done_s
         config, first = self.config, self.last_applied[p] == 0
         merge = "replace" if weights[self.comm.rank] == 0 else "compensate" if self.compensate else "lerp"
-        live = flat.read_live()
+        live = flat.read_live_home()
         w_mean, w_capped = kernels.outer_apply(
             grad,
             flat.global_,
@@ -449,18 +450,21 @@ class OuterSync:
             for param, shard in zip(flat.params, flat.shards, strict=True):
                 state = self._inner.state.get(param, {})
                 if "exp_avg_sq" not in state:
-                    parts.append(torch.zeros(shard.numel(), dtype=torch.float32, device=flat.global_.device))
+                    parts.append(torch.zeros(shard.numel(), dtype=torch.float32, device=flat.device))
                     continue
                 group = self._group_of[param]
                 second = state["exp_avg_sq"]
                 second = second.to_local() if hasattr(second, "to_local") else second
                 v_hat = second.float() / (1 - group["betas"][1] ** float(state["step"]))
                 parts.append(v_hat.sqrt_().mul_(float(group["lr"]) * steps).view(-1))
-        return torch.cat(parts)
+        return torch.cat(parts).to(flat.home)
 
-    def state_bytes(self) -> int:
-        """This rank's outer state: global copy, momentum, normaliser and theta_send, from storage."""
-        return storage_bytes(t for f in self.flat for t in (f.with_tail, f.momentum, f.normaliser, f.sent))
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's outer state (global copy, momentum, normaliser and theta_send), from storage:
+        `outer` beside the model, `outer_host` in host memory (`sync.outer_state: host`)."""
+        held = storage_bytes(t for f in self.flat for t in (f.with_tail, f.momentum, f.normaliser, f.sent))
+        host = self.config.outer_state == "host"
+        return {"outer": 0 if host else held, "outer_host": held if host else 0}
 
     def pop_records(self) -> list[dict[str, Any]]:
         """Records since the last call: one `sync` per applied fragment, one `decision` per slot
