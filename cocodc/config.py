@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,16 @@ class TrainConfig:
     # CUDA: deterministic kernels only (slower), so a GPU run repeats bit for bit; the CPU always does.
     deterministic: bool = False
     log_every: int = 10
+    # Throughput. grad_accum: micro-batches of batch_size per inner step (the regions mode; the
+    # gradients are reduced inside the region on the last only). compile: the blocks through
+    # torch.compile (inductor; on CPU it needs a C compiler). activation_checkpointing: the blocks
+    # recompute their activations in backward, "full" (keep each block's input) or "selective"
+    # (keep the matmuls' and attention's outputs). loss_chunk_tokens: the loss's fp32 logits made
+    # this many tokens at a time and recomputed in backward (0: all at once).
+    grad_accum: int = 1
+    compile: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    loss_chunk_tokens: int = 4096
 
 
 @dataclass
@@ -156,6 +167,7 @@ class DataConfig:
     dirichlet_alpha: float = 0.5  # non_iid: smaller means regions hold more distinct domains
     eval_fraction: float = 0.02  # local corpora: tail of every domain held out for eval
     eval_docs: int = 200  # hub streams: leading documents held out for eval
+    prefetch: int = 2  # batches made ahead of the step on a background thread (regions mode); 0: in the step
 
 
 @dataclass
@@ -441,6 +453,7 @@ def validate(config: Config) -> None:
         "train.batch_size": tr.batch_size,
         "train.seq_len": tr.seq_len,
         "train.log_every": tr.log_every,
+        "train.grad_accum": tr.grad_accum,
         "sync.sync_every": s.sync_every,
         "sync.fragments": s.fragments,
         "data.vocab_size": d.vocab_size,
@@ -461,6 +474,8 @@ def validate(config: Config) -> None:
         "train.weight_decay": tr.weight_decay,
         "sync.outer_momentum": s.outer_momentum,
         "data.eval_docs": d.eval_docs,
+        "train.loss_chunk_tokens": tr.loss_chunk_tokens,
+        "data.prefetch": d.prefetch,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -477,6 +492,16 @@ def validate(config: Config) -> None:
         raise ConfigError("config keys 'train.beta1' and 'train.beta2' must lie in [0, 1)")
     if s.outer_nesterov and s.outer_momentum == 0:
         raise ConfigError("sync.outer_nesterov needs a positive sync.outer_momentum")
+    if tr.grad_accum > 1 and config.mode != "regions":
+        raise ConfigError(
+            f"train.grad_accum ({tr.grad_accum}) is for mode regions; mode {config.mode} steps its clients' own "
+            "batches: use a larger train.batch_size"
+        )
+    if tr.compile and shutil.which(os.environ.get("CC", "cc")) is None:
+        raise ConfigError(
+            "train.compile needs a C compiler for inductor (none found as $CC or cc): install one "
+            "(apt install gcc) or set train.compile=false"
+        )
     if tr.kernels == "triton" and importlib.util.find_spec("triton") is None:
         raise ConfigError("train.kernels triton needs triton installed: pip install 'cocodc[kernels]'")
     if tr.kernels == "triton" and tr.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import glob
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +205,9 @@ class ShardLoader:
     ):
         if len(indices) < batch_size:
             raise ConfigError(
-                f"{owner}'s data shard holds {len(indices)} sequences, fewer than train.batch_size "
-                f"({batch_size}); use more data, fewer shards or, for non_iid, a larger data.dirichlet_alpha"
+                f"{owner}'s data shard holds {len(indices)} sequences, fewer than a step's batch of {batch_size} "
+                "(train.batch_size x train.grad_accum); use more data, fewer shards or, for non_iid, a larger "
+                "data.dirichlet_alpha"
             )
         self.sequences, self.indices, self.batch_size, self.seed = sequences, indices, batch_size, seed
         self.epoch, self.position = 0, 0
@@ -336,9 +339,76 @@ def eval_batches(eval_sequences: np.ndarray, batches: int, batch_size: int, seed
 # ------------------------------------------------------------------------- one rank's data
 
 
+class Prefetcher:
+    """A loader's next `depth` batches made on a background thread, so the step does not wait for
+    them (a stream's tokenization above all). The batches and their order are the loader's own; the
+    state is the loader's as of the last batch handed out, so a checkpoint resumes exactly there."""
+
+    def __init__(self, loader: ShardLoader | StreamLoader, depth: int):
+        self.loader, self.depth = loader, depth
+        self._state = loader.state_dict()  # as of the last batch handed out
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def next_batch(self) -> torch.Tensor:
+        if self._thread is None:
+            self._queue, self._stop = queue.Queue(self.depth), threading.Event()
+            self._thread = threading.Thread(target=self._fill, name="prefetch", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._thread = None
+            raise item
+        batch, self._state = item
+        return batch
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = (self.loader.next_batch(), self.loader.state_dict())
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:  # raised in the step that asks for the batch
+            self._queue.put(err)
+
+    def _rewind(self) -> None:
+        """Stop making batches; the loader back where the last batch handed out left it."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.loader.load_state_dict(self._state)
+
+    def skip(self, batches: int) -> None:
+        self._rewind()
+        self.loader.skip(batches)
+        self._state = self.loader.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rewind()
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        self._rewind()
+        if isinstance(self.loader, ShardLoader):
+            self.loader.load_resharded(states)
+        else:  # a stream continues from the region's first rank's position
+            self.loader.load_state_dict(states[0])
+        self._state = self.loader.state_dict()
+
+
 @dataclass
 class RankData:
-    loader: ShardLoader | StreamLoader | ClientShards
+    loader: ShardLoader | StreamLoader | ClientShards | Prefetcher
     eval_batches: list[torch.Tensor]
 
 
@@ -360,8 +430,12 @@ def load_rank_data(
     regions: int,
     ranks_per_region: int,
     rank: int,
+    grad_accum: int = 1,
 ) -> RankData:
-    """The training loader of one rank and the (shared) eval set."""
+    """The training loader of one rank (an inner step's rows at a time: `grad_accum` micro-batches
+    of `batch_size`; `config.prefetch` of them made ahead) and the (shared) eval set (of
+    `batch_size` batches)."""
+    step_rows = batch_size * grad_accum
     if config.source.startswith("hf:"):
         from datasets.distributed import split_dataset_by_node
 
@@ -370,12 +444,16 @@ def load_rank_data(
         tokens = np.concatenate([np.append(t, tokenizer.eos_id) for t in held_out] or [np.empty(0, np.int32)])
         evals = eval_batches(cut_sequences(tokens, seq_len), eval_batch_count, batch_size, seed)
         mine = split_dataset_by_node(stream.skip(config.eval_docs), rank=rank, world_size=regions * ranks_per_region)
-        return RankData(StreamLoader(mine, tokenizer, config.text_field, batch_size, seq_len), evals)
+        return RankData(_ahead(StreamLoader(mine, tokenizer, config.text_field, step_rows, seq_len), config), evals)
     corpus = build_corpus(load_domains(config), tokenizer, seq_len, config.eval_fraction)
     shards = region_shards(corpus.sequence_domain, regions, config.split, config.dirichlet_alpha, seed)
     mine = shards[rank // ranks_per_region][rank % ranks_per_region :: ranks_per_region]
-    loader = ShardLoader(corpus.sequences, mine, batch_size, seed=[seed, rank])
-    return RankData(loader, eval_batches(corpus.eval_sequences, eval_batch_count, batch_size, seed))
+    loader = ShardLoader(corpus.sequences, mine, step_rows, seed=[seed, rank])
+    return RankData(_ahead(loader, config), eval_batches(corpus.eval_sequences, eval_batch_count, batch_size, seed))
+
+
+def _ahead(loader: ShardLoader | StreamLoader, config: DataConfig) -> ShardLoader | StreamLoader | Prefetcher:
+    return Prefetcher(loader, config.prefetch) if config.prefetch else loader
 
 
 # ------------------------------------------------------------------------- federated clients

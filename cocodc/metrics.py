@@ -71,14 +71,16 @@ class Console:
             else None
         )
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, speed: dict[str, Any]) -> None:
+        rate = f"{tokens_per_s / 1e3:.1f}k tok/s | {speed['tflops']:.3g} TFLOP/s"
+        if speed["mfu"] is not None:
+            rate += f" | MFU {100 * speed['mfu']:.1f}%"
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.3f} | {tokens_per_s / 1e3:.1f}k tok/s", refresh=False)
+            self.bar.set_postfix_str(f"loss {loss:.3f} | {rate}", refresh=False)
             self.bar.update(step - self.bar.n)
         elif step % self.every == 0 or step == self.total:
             done = step - self.start
             eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
-            rate = f"{tokens_per_s / 1e3:.1f}k tok/s"
             self.print(f"{self.unit} {step}/{self.total} | loss {loss:.4f} | {rate} | eta {_duration(eta)}")
 
     def print(self, line: str) -> None:
@@ -122,9 +124,13 @@ class Metrics:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
 
-    def train(self, step: int, loss: float, lr: float, step_s: float, tokens_per_s: float, log: bool) -> None:
+    def train(
+        self, step: int, loss: float, lr: float, step_s: float, tokens_per_s: float, speed: dict[str, Any], log: bool
+    ) -> None:
+        """`speed`: this rank's tflops, mfu (None where the device's peak is unknown) and
+        peak_memory_bytes (throughput.py)."""
         if self.console is not None:
-            self.console.update(step, loss, tokens_per_s)
+            self.console.update(step, loss, tokens_per_s, speed)
         if not log:
             return
         self._write(
@@ -136,6 +142,7 @@ class Metrics:
                 "lr": lr,
                 "step_s": step_s,
                 "tokens_per_s": tokens_per_s,
+                **speed,
             }
         )
         if self.wandb is not None:
@@ -146,6 +153,7 @@ class Metrics:
                     "train/lr": lr,
                     "train/step_s": step_s,
                     "train/tokens_per_s": tokens_per_s,
+                    **{f"train/{key}": value for key, value in speed.items() if value is not None},
                 }
             )
 
@@ -261,7 +269,9 @@ class Metrics:
             path.with_suffix(".tmp").replace(path)
             self.print(
                 f"done: eval ppl {summary['initial_eval_ppl']:.2f} -> {summary['final_eval_ppl']:.2f} | "
-                f"{summary['tokens_per_s'] / 1e3:.1f}k tok/s | {summary['wall_s']:.1f}s | "
+                f"{summary['tokens_per_s'] / 1e3:.1f}k tok/s | {summary['tflops']:.3g} TFLOP/s per rank"
+                + (f" (MFU {100 * summary['mfu']:.1f}%)" if summary["mfu"] is not None else "")
+                + f" | peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB | {summary['wall_s']:.1f}s | "
                 f"compute fraction {summary['compute_fraction']:.3f} | {path}"
             )
         if self.wandb is not None:

@@ -8,12 +8,14 @@ under FSDP2 those are the local shards.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -46,6 +48,23 @@ def replicate_region(model: nn.Module, config: Config, topology: Topology) -> nn
     if config.topology.parallel == "fsdp" or topology.ranks_per_region == 1:
         return model
     return DistributedDataParallel(model, process_group=topology.intra_group)
+
+
+@contextmanager
+def no_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """Backward inside the block leaves the region's gradients unreduced, to accumulate (a
+    micro-batch but the last): DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`."""
+    if isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def blocks_of(model: nn.Module) -> nn.ModuleList:

@@ -80,6 +80,7 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
             regions=topology.regions,
             ranks_per_region=topology.ranks_per_region,
             rank=topology.rank,
+            grad_accum=config.train.grad_accum,
             **data_args,
         )
         mode = RegionsMode(config, topology, model, intra)
@@ -89,9 +90,14 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
 
 
 def build_model(config: Config, vocab_size: int, device: torch.device) -> nn.Module:
-    """The seeded model (the same on every rank); federated: from federated.init_from, with LoRA."""
-    torch.manual_seed(config.seed)
-    model = Transformer(config.model, vocab_size, config.train.seq_len)
+    """The seeded model (the same on every rank), built on the meta device and made on `device`;
+    federated: from federated.init_from, with LoRA. Its blocks compiled with train.compile."""
+    torch.manual_seed(config.seed)  # what draws from torch's generator (LoRA's A) draws alike on every rank
+    with torch.device("meta"):
+        model = Transformer(config.model, vocab_size, config.train.seq_len)
+    model.materialize(device, config.seed)
+    model.activation_checkpointing = config.train.activation_checkpointing
+    model.loss_chunk_tokens = config.train.loss_chunk_tokens
     f = config.federated
     if config.mode == "federated" and f.init_from:
         load_initial_model(model, f.init_from)
@@ -99,7 +105,10 @@ def build_model(config: Config, vocab_size: int, device: torch.device) -> nn.Mod
         from cocodc.federated.lora import add_lora  # peft imports transformers: seconds, only when asked
 
         model = add_lora(model, f.lora_rank, f.lora_alpha)
-    return model.to(device)
+    if config.train.compile:
+        for block in model.blocks:  # in place: the parameters keep their names
+            block.compile()
+    return model.to(device)  # LoRA's adapters are made where peft makes them
 
 
 def _stop_on(signum: int, _frame: object) -> None:

@@ -33,7 +33,8 @@ from cocodc.data import BPETokenizer, ByteTokenizer, RankData, Tokenizer, tokeni
 from cocodc.memory import storage_bytes, tensors_in
 from cocodc.metrics import Metrics, truncate_after
 from cocodc.model import lm_loss
-from cocodc.parallel import like_params, local_tree
+from cocodc.parallel import like_params, local_tree, no_gradient_sync
+from cocodc.throughput import Throughput
 from cocodc.topology import Topology
 
 
@@ -178,16 +179,23 @@ def inner_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     t = config.train
+    cuda = bool(trainable) and trainable[0].device.type == "cuda"
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr,
         betas=(t.beta1, t.beta2),
+        # One fused kernel for every parameter on CUDA; on the CPU (no fused kernel) one op per
+        # tensor list rather than per tensor.
+        **({"fused": True} if cuda else {"foreach": True}),
     )
 
 
+def uses_bf16(config: Config, device: torch.device) -> bool:
+    return config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
+
+
 def autocast_for(config: Config, device: torch.device) -> contextlib.AbstractContextManager[None]:
-    bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(config, device) else contextlib.nullcontext()
 
 
 def evaluate(
@@ -431,6 +439,9 @@ class Trainer:
         self.metrics = Metrics(config, topology, start_step)
         self.step = start_step
         self.grad_bytes: int | None = None  # measured at the first backward of this process
+        self.throughput = Throughput(
+            model, config.train.seq_len, self.device, uses_bf16(config, self.device), topology.world_size
+        )
 
     def inner_step(
         self,
@@ -451,10 +462,17 @@ class Trainer:
         batch = self.data.loader.next_batch() if batch is None else batch
         batch = batch.to(self.device, non_blocking=True)
         began, blocked = time.perf_counter(), wan.blocked_s
-        with autocast_for(self.config, self.device):
-            loss = lm_loss(train_model, batch)
+        accum, losses = self.config.train.grad_accum, []
         try:
-            (loss + penalty() if penalty is not None else loss).backward()
+            for index, micro in enumerate(batch.chunk(accum)):
+                last = index == accum - 1
+                # The region reduces the gradients once, after the last micro-batch.
+                with contextlib.nullcontext() if last else no_gradient_sync(train_model):
+                    with autocast_for(self.config, self.device):
+                        loss = lm_loss(train_model, micro)
+                    scaled = loss / accum
+                    (scaled + penalty() if penalty is not None and last else scaled).backward()
+                losses.append(loss.detach())
             if self.grad_bytes is None:
                 self.grad_bytes = storage_bytes(p.grad for p in self.optimizer_parameters())
             if self.config.train.grad_clip > 0:
@@ -462,7 +480,7 @@ class Trainer:
             self.optimizer.step()
         finally:  # a failed step (a federated client's, which the round survives) leaves no gradients
             self.optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        loss_value = torch.stack(losses).mean().item()
         return loss_value, time.perf_counter() - began - (wan.blocked_s - blocked)
 
     def optimizer_parameters(self) -> list[torch.Tensor]:
@@ -545,7 +563,8 @@ class Trainer:
             totals.wall_s = segment_wall + time.perf_counter() - segment_start
             tokens_per_s = tokens_per_step * (step - self.start_step) / (totals.wall_s - segment_wall)
             lr = self.optimizer.param_groups[0]["lr"]
-            self.metrics.train(step, loss, lr, compute_s, tokens_per_s, log=step % config.train.log_every == 0)
+            speed = self.throughput.at(tokens_per_s)
+            self.metrics.train(step, loss, lr, compute_s, tokens_per_s, speed, log=step % config.train.log_every == 0)
             if config.eval.every and step % config.eval.every == 0 and step != steps:
                 self.evaluate(mode)
             if config.checkpoint.every and step % config.checkpoint.every == 0 and step != last_step:
@@ -585,6 +604,9 @@ class Trainer:
         )
         sent, received, blocked, compute_fraction = self.world.all_reduce_mean(per_rank).wait().tolist()
         steps = self.config.steps
+        speed = self.throughput.at(tokens_per_step * steps / totals.wall_s)
+        peaks = self.world.all_gather(torch.tensor([speed["peak_memory_bytes"]], dtype=torch.float64)).wait()
+        speed["peak_memory_bytes"] = int(peaks.max().item())  # the rank that held the most
         return {
             "method": mode.method,
             "kernels": kernels.serving(self.device),
@@ -596,6 +618,7 @@ class Trainer:
             "tokens": tokens_per_step * steps,
             "wall_s": totals.wall_s,
             "tokens_per_s": tokens_per_step * steps / totals.wall_s,
+            **speed,
             "compute_fraction": compute_fraction,
             "blocked_s": blocked,
             "eval_s": totals.eval_s,

@@ -402,6 +402,60 @@ def test_point_to_point_over_two_real_processes(tmp_path):
     assert results[0]["sent"] == results[1]["bytes"] == [96 + 24, 96 + 4, 96 + 4, 96 + 4, 96 + 532, 96]
 
 
+def _slow_link_worker(rank: int, store: str, results) -> None:
+    # The link is configured at 1 MB/s, so 2 MiB are expected to take 2.1 s: the deadline is
+    # 0.5 s + twice that. A peer whose bytes arrive 1.5 s late looks to this rank's backend as a slow
+    # link does (the bytes come late); a peer that never sends is silent.
+    with gloo_group(rank, store, together=False):
+        members = ["region 0", "region 1"]
+        engine = CommEngine(
+            dist.group.WORLD, name="inter-region", members=members, timeout_s=0.5, expected_link=(0.0, 1e6)
+        )
+        payload = torch.ones(2**19)
+        if rank == 1:
+            time.sleep(1.5)
+            engine.all_reduce_mean(payload).wait(timeout=30)
+            engine.recv(0, tag=9).wait(timeout=60)  # silent until region 0 lets it go
+            os._exit(0)
+        began = time.perf_counter()
+        slow = engine.all_reduce_mean(payload)
+        slow.wait()
+        out = {"slow": (slow.bytes_sent, time.perf_counter() - began)}
+        began = time.perf_counter()
+        try:
+            engine.all_reduce_mean(payload).wait()
+            out["silent"] = ("no error", 0.0)
+        except CommError as err:
+            out["silent"] = (str(err), time.perf_counter() - began)
+        engine.send(torch.ones(1), 1, tag=9).wait(timeout=30)
+        results[rank] = out
+
+
+def test_a_deadline_allows_for_the_transfer_and_still_catches_a_silent_peer(tmp_path):
+    out = _spawn(_slow_link_worker, tmp_path)[0]
+    sent, seconds = out["slow"]
+    assert sent == 4 * (2**19 + 2) and seconds > 1.4  # past the 0.5 s timeout, and not failed
+    message, seconds = out["silent"]
+    allowance = 2 * sent / 1e6
+    assert message == (
+        f"all-reduce on the inter-region group (region 0, region 1) did not complete within {0.5 + allowance:.3g} s "
+        f"(the timeout and {allowance:.3g} s for its bytes on the link)"
+    )
+    assert 0.5 + allowance <= seconds < 30
+
+
+def test_without_a_configured_link_the_deadline_follows_the_measured_rate():
+    engine = CommEngine(None, timeout_s=1.0)
+    assert engine.allowance_s(10**9) == 0.0  # nothing known yet: the timeout alone
+    engine._observe_rate(2**20, 0.5)  # 2 MiB/s
+    engine._observe_rate(2**20, 1.0)  # 1 MiB/s: a running mean of the two
+    assert engine.allowance_s(3 * 2**19) == 2 * 1.0
+    engine._observe_rate(1000, 10.0)  # too small to say anything of the rate
+    assert engine.allowance_s(3 * 2**19) == 2 * 1.0
+    with_link = CommEngine(None, timeout_s=1.0, expected_link=(0.1, 1e6))
+    assert with_link.allowance_s(10**6) == pytest.approx(2 * (0.1 + 1.0))
+
+
 def _failing_worker(rank: int, store: str, results) -> None:
     def error(wait: Callable[[], object]) -> tuple[str, float]:
         began = time.perf_counter()

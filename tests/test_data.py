@@ -9,6 +9,7 @@ from cocodc.config import ConfigError, DataConfig
 from cocodc.data import (
     BPETokenizer,
     ByteTokenizer,
+    Prefetcher,
     ShardLoader,
     StreamLoader,
     cut_sequences,
@@ -87,7 +88,7 @@ def test_loader_resumes_mid_epoch_and_across_epochs():
     assert all(torch.equal(a, resumed.next_batch()) for a in batches[3:])
     epoch0 = torch.cat(batches[:2]).flatten().tolist()
     assert len(set(epoch0)) == len(epoch0)  # no sequence twice within an epoch
-    with pytest.raises(ConfigError, match="fewer than train.batch_size"):
+    with pytest.raises(ConfigError, match=r"fewer than a step's batch of \d+ \(train.batch_size x train.grad_accum\)"):
         ShardLoader(sequences, indices[:3], 4, seed=[0])
 
 
@@ -107,7 +108,7 @@ def test_rank_data_is_disjoint_across_ranks():
         )
         for rank in range(4)
     ]
-    index_sets = [set(s.loader.indices.tolist()) for s in shards]
+    index_sets = [set(s.loader.loader.indices.tolist()) for s in shards]  # under the prefetcher
     assert sum(map(len, index_sets)) == len(set().union(*index_sets))
     assert all(torch.equal(a, b) for a, b in zip(shards[0].eval_batches, shards[3].eval_batches, strict=True))
     assert shards[0].eval_batches[0].shape == (8, 65)
@@ -165,3 +166,33 @@ def test_a_shard_loader_skips_to_where_as_many_batches_would_leave_it():
         jumped.skip(skipped)
         assert read.state_dict() == jumped.state_dict()
         assert torch.equal(read.next_batch(), jumped.next_batch())
+
+
+def test_the_prefetcher_hands_out_the_loader_s_batches_and_state():
+    sequences = np.arange(40 * 5).reshape(40, 5)
+
+    def loader() -> ShardLoader:
+        return ShardLoader(sequences, np.arange(40), 4, seed=[1])
+
+    bare, ahead = loader(), Prefetcher(loader(), depth=3)
+    for _ in range(14):  # over an epoch's end
+        assert torch.equal(ahead.next_batch(), bare.next_batch())
+    assert ahead.state_dict() == bare.state_dict()  # the handed-out batches', not the thread's
+    saved = ahead.state_dict()
+    after = [ahead.next_batch() for _ in range(3)]
+    ahead.load_state_dict(saved)
+    assert all(torch.equal(ahead.next_batch(), batch) for batch in after)
+    ahead.skip(5)
+    bare.load_state_dict(saved)
+    bare.skip(3 + 5)
+    assert torch.equal(ahead.next_batch(), bare.next_batch())
+
+
+def test_the_prefetcher_raises_the_loader_s_error_in_the_step():
+    class Failing(ShardLoader):
+        def next_batch(self, size=None):
+            raise ConfigError("data.source holds no documents for this rank")
+
+    ahead = Prefetcher(Failing(np.zeros((8, 3)), np.arange(8), 4, seed=[0]), depth=2)
+    with pytest.raises(ConfigError, match="holds no documents"):
+        ahead.next_batch()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cocodc.config import load_config
-from cocodc.model import Transformer, apply_rotary, lm_loss, rotary_tables
+from cocodc.model import Transformer, apply_rotary, chunked_cross_entropy, lm_loss, rotary_tables
 
 from conftest import REPO
 
@@ -50,3 +50,117 @@ def test_initial_loss_is_near_uniform():
     model = Transformer(config.model, vocab_size=256, max_seq_len=64)
     loss = lm_loss(model, torch.randint(0, 256, (4, 65)))
     assert abs(loss.item() - math.log(256)) < 0.1
+
+
+def _small(seed: int = 0, **settings) -> Transformer:
+    config = load_config(REPO / "configs" / "tiny.yaml", ["model.n_layers=2", "model.d_model=32", "model.n_heads=2"])
+    model = Transformer(config.model, vocab_size=64, max_seq_len=16, seed=seed)
+    for key, value in settings.items():
+        setattr(model, key, value)
+    return model
+
+
+def _loss_and_grads(model: Transformer, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    loss = lm_loss(model, batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+BATCH = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 40])  # uneven chunks, one per row, fewer than the tokens
+def test_the_chunked_loss_equals_the_whole_one(chunk):
+    whole_loss, whole_grads = _loss_and_grads(_small(), BATCH)
+    loss, grads = _loss_and_grads(_small(loss_chunk_tokens=chunk), BATCH)
+    assert abs(loss - whole_loss) < 1e-6
+    for a, b in zip(grads, whole_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    logits = _small(loss_chunk_tokens=chunk)(BATCH[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), BATCH[:, 1:].flatten())
+    assert abs(loss - expected) < 1e-6  # the mean over every token, not over chunks
+
+
+def test_the_chunked_loss_keeps_no_logits_for_backward():
+    # Saved for backward: each chunk's hidden rows, never a (tokens x vocab) block of logits.
+    model = _small()
+    hidden = torch.randn(3, 16, 32, requires_grad=True)
+
+    def saved_shapes(chunk: int) -> list[torch.Size]:
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+            chunked_cross_entropy(model.logits, hidden, BATCH[:, 1:], chunk)
+        return shapes
+
+    assert torch.Size([48, 64]) in saved_shapes(0)  # whole: every token's logits
+    assert all(shape[-1] != 64 for shape in saved_shapes(16))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_changes_no_number(mode):
+    plain_loss, plain_grads = _loss_and_grads(_small(), BATCH)
+    loss, grads = _loss_and_grads(_small(activation_checkpointing=mode), BATCH)
+    assert abs(loss - plain_loss) < 1e-6
+    for a, b in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_activation_checkpointing_recomputes_what_it_did_not_keep():
+    # Counted in backward: the forward's ops run again. Full recomputes the matmuls too; selective
+    # keeps them (and attention) and recomputes only the cheap ops between.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def in_backward(mode: str) -> tuple[int, int]:
+        model = _small(activation_checkpointing=mode)
+        loss = lm_loss(model, BATCH)
+        with Count() as count:
+            loss.backward()
+        return count.ops.count(torch.ops.aten.mm.default), count.ops.count(torch.ops.aten.silu.default)
+
+    (mm_none, silu_none), (mm_selective, silu_selective), (mm_full, silu_full) = map(
+        in_backward, ("none", "selective", "full")
+    )
+    assert silu_none == 0 and silu_selective == silu_full == 2  # one per block, recomputed
+    assert mm_selective == mm_none < mm_full
+
+
+def test_a_model_built_on_the_meta_device_starts_bit_identical():
+    direct = _small(seed=3)
+    config = direct.config
+    with torch.device("meta"):
+        lazy = Transformer(config, vocab_size=64, max_seq_len=16)
+    assert all(p.device.type == "meta" for p in lazy.parameters())
+    lazy.materialize(torch.device("cpu"), 3)
+    for (name, a), (_, b) in zip(direct.state_dict().items(), lazy.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(direct.rope_cos, lazy.rope_cos) and torch.equal(direct.rope_sin, lazy.rope_sin)
+    assert not torch.equal(_small(seed=4).head.weight, direct.head.weight)
+
+
+@pytest.mark.slow  # inductor compiles the block on this CPU: tens of seconds
+def test_compiled_blocks_train_as_eager_ones():
+    def train(compiled: bool) -> list[float]:
+        model = _small(seed=1)
+        if compiled:
+            for block in model.blocks:
+                block.compile()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for step in range(3):
+            loss = lm_loss(model, BATCH.roll(step, 0))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    assert train(True) == pytest.approx(train(False), abs=1e-4)

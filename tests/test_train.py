@@ -43,6 +43,7 @@ def test_diloco_two_regions_trains_and_reports(full_run):
     assert summary["final_eval_ppl"] < summary["initial_eval_ppl"] / 2
     assert summary["tokens"] == 24 * 2 * 8 * 64
     assert 0 < summary["compute_fraction"] <= 1
+    assert summary["tflops"] > 0 and summary["mfu"] is None and summary["peak_memory_bytes"] > 2**20  # CPU: no peak
     # The fp32 pseudo-gradient of the whole model and the 2 regions' weights; ring over 2 regions: 1x each way.
     payload = 4 * param_count() + 4 * 2
     assert summary["bytes_sent"] == summary["bytes_received"] == 3 * payload
@@ -58,6 +59,7 @@ def test_diloco_two_regions_trains_and_reports(full_run):
     assert evals[-1]["loss"] < evals[0]["loss"]
     region_evals = {(r["region"], r["step"]) for r in records if r["kind"] == "eval" and r["scope"] == "region"}
     assert {(0, 8), (1, 8), (0, 24), (1, 24)} <= region_evals
+    assert all(r["tflops"] > 0 and r["peak_memory_bytes"] > 0 for r in records if r["kind"] == "train")
     assert sorted({(r["region"], r["step"]) for r in records if r["kind"] == "train"}) == [
         (m, s) for m in (0, 1) for s in range(2, 25, 2)
     ]
@@ -104,7 +106,8 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     # As if the process died before the step-12 checkpoint was committed: the resume starts from
     # step 8 and must drop the records written after it before writing them again.
     latest.write_text("8\n")
-    resumed = train(tmp_path, "split", flags=("--resume",))
+    # Resumed without the prefetcher: the batches, and so every number, are the loader's own.
+    resumed = train(tmp_path, "split", "data.prefetch=0", flags=("--resume",))
 
     for region in (0, 1):
         a = checkpoint.read_region(full_run / "checkpoints", 24, region)
@@ -283,3 +286,25 @@ def test_resume_with_fragments_in_flight_is_bit_identical(tmp_path, settings):
     summaries = [json.loads((run / "summary.json").read_text()) for run in (full, resumed)]
     assert summaries[0]["final_eval_loss"] == summaries[1]["final_eval_loss"]
     assert summaries[0]["bytes_sent"] == summaries[1]["bytes_sent"]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ["topology.regions=1"],  # one rank
+        ["sync.method=ddp"],  # DDP over 2 regions: the micro-batches but the last skip the all-reduce
+    ],
+    ids=["one-rank", "ddp"],
+)
+def test_two_micro_batches_of_4_train_as_one_batch_of_8(tmp_path, shape):
+    # The same 8 rows a step (the loader deals a step's rows), and the same eval sequences (the
+    # first 32 of the held-out order, in 8 batches of 4 or 4 of 8).
+    common = [*shape, "train.steps=30", "eval.every=0", "checkpoint.every=0"]
+    whole = train(tmp_path, "whole", *common, "train.batch_size=8", "eval.batches=4")
+    micro = train(tmp_path, "micro", *common, "train.batch_size=4", "train.grad_accum=2", "eval.batches=8")
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (whole, micro))
+    assert a["initial_eval_loss"] == pytest.approx(b["initial_eval_loss"], abs=1e-6)
+    assert abs(a["final_eval_loss"] - b["final_eval_loss"]) < 1e-5
+    assert a["final_eval_loss"] < a["initial_eval_loss"] - 1
+    assert a["tokens"] == b["tokens"]
+    assert a["bytes_sent"] == b["bytes_sent"]  # ddp: one all-reduce a step either way

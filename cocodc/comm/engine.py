@@ -7,9 +7,12 @@ payload over each link from the source. So totals compare across backends. With 
 handle completes no earlier than the modelled arrival of its last byte, in wall-clock; transfers
 queue on the links they share.
 
-Nothing hangs silently: `Handle.wait(timeout)` (default: the engine's `timeout_s`) raises a
-`CommError` naming the operation, the group and the peer(s) when the backend has not finished in
-time, and turns a backend failure (a peer's process died) into one as well.
+Nothing hangs silently: `Handle.wait(timeout)` raises a `CommError` naming the operation, the group
+and the peer(s) when the backend has not finished in time, and turns a backend failure (a peer's
+process died) into one as well. Its default deadline follows the transfer: the engine's
+`timeout_s` plus twice the time the operation's bytes are expected to take on the link (from its
+configured bandwidth and latency, else the rate measured on earlier transfers), so a big transfer
+on a slow link does not trip it and a silent peer is still caught.
 
 Point-to-point matches messages by tag, and the reduce-scatter mean exchanges its reduced chunks
 point-to-point: both need a backend that matches by tag (gloo, the WAN backend). NCCL ignores tags.
@@ -54,6 +57,7 @@ _HEADER = 4 + _MAX_DIMS
 # gather stage), which must fit gloo's 32-bit tag.
 _MAX_TAG = 2**26
 _POLL_S = 0.001
+_RATE_BYTES = 1 << 20  # transfers smaller than this measure latency more than the link's rate
 
 
 class CommError(RuntimeError):
@@ -195,7 +199,10 @@ class Handle:
         """
         if self.finished_at is None:
             begin = time.perf_counter()
-            limit = self._engine.timeout_s if timeout is None else timeout
+            limit, allowance = self._engine.timeout_s if timeout is None else timeout, 0.0
+            if timeout is None and limit is not None:
+                allowance = self._engine.allowance_s(max(self.bytes_sent, self.bytes_received))
+                limit += allowance
             try:
                 done = self._pending.wait(None if limit is None else begin + limit)
             except CommError:
@@ -203,7 +210,8 @@ class Handle:
             except RuntimeError as err:
                 raise self._engine._failure(self.what, err) from err
             if not done:
-                raise CommError(f"{self.what} did not complete within {float(limit)} s")
+                why = f" (the timeout and {allowance:.3g} s for its bytes on the link)" if allowance else ""
+                raise CommError(f"{self.what} did not complete within {limit:.3g} s{why}")
             self._complete(begin)
         return self._result
 
@@ -216,6 +224,9 @@ class Handle:
                     time.sleep(remaining)
                 self.finished_at = time.perf_counter()
                 self.blocked_s = self.finished_at - begin
+                self._engine._observe_rate(
+                    max(self.bytes_sent, self.bytes_received), self.finished_at - self.started_at
+                )
                 self._engine._count_blocked(begin, self.finished_at)
         return self._result
 
@@ -283,9 +294,14 @@ class CommEngine:
         name: str = "group",
         members: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        expected_link: tuple[float, float] | None = None,
     ):
+        """`expected_link`: (latency in s, bandwidth in bytes/s; 0: unknown) of the group's slowest
+        link, for deadlines; unknown, the rate measured on earlier transfers is used."""
         self.name = name
         self.timeout_s = timeout_s
+        self.link_latency_s, self.link_Bps = expected_link or (0.0, 0.0)
+        self.measured_Bps = 0.0  # a running mean of the rate of transfers of at least _RATE_BYTES
         self._lock = threading.Lock()  # counters and the link model, also touched by backend threads
         self.rebind(group, link, members=members)
         self.bytes_sent = 0
@@ -325,6 +341,17 @@ class CommEngine:
         lines = str(err).strip().splitlines() or [type(err).__name__]
         brief = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0]
         return CommError(f"{what} failed: {brief[:160]}")
+
+    def allowance_s(self, nbytes: int) -> float:
+        """What a transfer of `nbytes` adds to `timeout_s`: twice its expected time on the link."""
+        rate = self.link_Bps or self.measured_Bps
+        return 2.0 * (self.link_latency_s + (nbytes / rate if rate > 0 else 0.0))
+
+    def _observe_rate(self, nbytes: int, seconds: float) -> None:
+        if nbytes >= _RATE_BYTES and seconds > 0:
+            with self._lock:
+                rate = nbytes / seconds
+                self.measured_Bps = rate if not self.measured_Bps else 0.5 * (self.measured_Bps + rate)
 
     def _count_blocked(self, begin: float, end: float) -> None:
         """Add a wait to `blocked_s`; waits that overlap (the main thread's and the backend's) count once."""

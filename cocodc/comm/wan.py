@@ -73,6 +73,16 @@ class LinkModel:
             random.Random(seed),
         )
 
+    @staticmethod
+    def slowest(wan: WanConfig, regions: int) -> tuple[float, float] | None:
+        """(latency in s, bandwidth in bytes/s) of the config's slowest link between `regions`
+        regions, however it is emulated (a transfer's deadline allows for it); None for an ideal WAN."""
+        if not wan.enabled:
+            return None
+        latency = [v for row in _matrix(wan.latency_ms, regions, "'wan.latency_ms'") for v in row]
+        bandwidth = [v for row in _matrix(wan.bandwidth_mbps, regions, "'wan.bandwidth_mbps'") for v in row if v > 0]
+        return max(latency) / 1e3 + wan.jitter_ms / 1e3, min(bandwidth, default=0.0) * 1e6 / 8
+
     @classmethod
     def of_config(cls, wan: WanConfig, regions: int, seed: int) -> LinkModel | None:
         """The config's link between `regions` regions, where the comm engine models it (none when

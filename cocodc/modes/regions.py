@@ -40,12 +40,13 @@ def wan_engine(config: Config, topology: Topology) -> CommEngine:
         else [f"region {m}" for m in range(topology.regions)]
     )
     name = "world" if ddp else "inter-region"
+    timing = {"timeout_s": config.topology.timeout_s, "expected_link": LinkModel.slowest(config.wan, topology.regions)}
     if config.ft.enabled:  # over torchft's group, bound at the first quorum
-        return CommEngine(None, name=name, timeout_s=config.topology.timeout_s)
+        return CommEngine(None, name=name, **timing)
     link = LinkModel.of_config(config.wan, topology.regions, seed=config.seed + topology.rank)
     if link is not None and region_of is not None:
         link = link.for_ranks(region_of)
-    return CommEngine(group, link, name=name, members=members, timeout_s=config.topology.timeout_s)
+    return CommEngine(group, link, name=name, members=members, **timing)
 
 
 def check_layout(mine: dict[str, Any], peer: dict[str, Any], region: int) -> None:
@@ -183,10 +184,12 @@ class RegionsMode:
         return (
             f"{t.regions} regions x {t.ranks_per_region} ranks | {c.train.steps} steps of {t.world_size} x "
             f"{c.train.batch_size} x {c.train.seq_len} tokens"
+            + (f" x {c.train.grad_accum} micro-batches" if c.train.grad_accum > 1 else "")
         )
 
     def tokens_per_step(self) -> int:
-        return self.topology.world_size * self.config.train.batch_size * self.config.train.seq_len
+        t = self.config.train
+        return self.topology.world_size * t.batch_size * t.grad_accum * t.seq_len
 
     def summary(self) -> dict[str, Any]:
         shape = {"regions": self.topology.regions, "ranks_per_region": self.topology.ranks_per_region}
