@@ -19,11 +19,13 @@ import glob
 import os
 import queue
 import re
+import socket
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
 import datasets
 import numpy as np
@@ -255,6 +257,18 @@ class ShardLoader:
 
 
 # ------------------------------------------------------------------------------ hub streams
+
+
+def hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether the Hugging Face hub (or $HF_ENDPOINT) answers a connection; never with HF_HUB_OFFLINE."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def open_stream(config: DataConfig) -> datasets.IterableDataset:

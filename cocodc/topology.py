@@ -16,6 +16,7 @@ surfaces as an error within that bound rather than a hang.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -150,9 +151,12 @@ def _join_job(config: Config) -> torch.device:
     """Join this torchrun job's default group; returns this rank's device."""
     device = pick_device(config)
     backend = config.topology.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if backend == "auto":
+        # NCCL needs a GPU per rank; ranks that share GPUs (regions emulated on one) talk over gloo.
+        backend = "nccl" if device.type == "cuda" and local_ranks <= torch.cuda.device_count() else "gloo"
+        if device.type == "cuda" and backend == "gloo" and int(os.environ.get("RANK", 0)) == 0:
+            print(f"cocodc: {local_ranks} ranks share {torch.cuda.device_count()} GPU(s): gloo", file=sys.stderr)
     if backend == "nccl" and local_ranks > torch.cuda.device_count():
         raise ConfigError(
             f"{local_ranks} ranks on this host but {torch.cuda.device_count()} GPUs: NCCL needs a GPU per rank; "

@@ -6,9 +6,11 @@ It joins the process groups, builds the shared parts (trainer.py) and runs the c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from cocodc import checkpoint, kernels
 from cocodc.comm import CommEngine, CommError
 from cocodc.config import Config, ConfigError, load_config
-from cocodc.data import RankData, load_client_data, load_rank_data
+from cocodc.data import RankData, hub_reachable, load_client_data, load_rank_data
 from cocodc.model import Transformer
 from cocodc.modes.federated import FederatedMode, load_initial_model
 from cocodc.modes.regions import RegionsMode
@@ -56,6 +58,7 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
         torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such version warns
     setup = CommEngine(topology.setup_group, name="setup")
+    config = reachable_data(config, topology.is_leader, setup)
     start_step = open_run(config, topology, setup, resume=resume, overwrite=overwrite, stop_at=stop_at)
     tokenizer = build_tokenizer(config, topology, setup)
     model = build_model(config, tokenizer.vocab_size, topology.device)
@@ -87,6 +90,24 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
     trainer = Trainer(config, topology, world, intra, data, model, start_step)
     trainer.run(mode, stop_at)
     setup.barrier()  # torn down together: a group destroyed while a peer still talks to it can abort
+
+
+def reachable_data(config: Config, leader: bool, setup: CommEngine) -> Config:
+    """The config, or where its data.source is on a hub out of reach (this machine has no network),
+    the same on the shipped corpus, said on the console. The leader decides for every rank."""
+    source = config.data.source
+    if not source.startswith("hf:") or Path(source.removeprefix("hf:")).exists():
+        return config
+    reachable = setup.broadcast(torch.tensor([float(hub_reachable()) if leader else 0.0]), 0).wait()
+    if reachable.item():
+        return config
+    if leader:
+        print(
+            f"cocodc: the Hugging Face hub is out of reach: data.source {source} falls back to the shipped corpus "
+            "(kjv); a resume needs the same (or data.source=kjv)",
+            file=sys.stderr,
+        )
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, source="kjv"))
 
 
 def build_model(config: Config, vocab_size: int, device: torch.device) -> nn.Module:

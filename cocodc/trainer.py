@@ -198,6 +198,27 @@ def autocast_for(config: Config, device: torch.device) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(config, device) else contextlib.nullcontext()
 
 
+def forward_backward(
+    model: nn.Module,
+    batch: torch.Tensor,
+    config: Config,
+    device: torch.device,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The gradients of an inner step's `batch` (train.grad_accum micro-batches, the region's
+    reduction after the last only), with `penalty()` added to the loss; returns the mean loss."""
+    accum, losses = config.train.grad_accum, []
+    for index, micro in enumerate(batch.chunk(accum)):
+        last = index == accum - 1
+        with contextlib.nullcontext() if last else no_gradient_sync(model):
+            with autocast_for(config, device):
+                loss = lm_loss(model, micro)
+            scaled = loss / accum
+            (scaled + penalty() if penalty is not None and last else scaled).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
 def evaluate(
     model: nn.Module,
     batches: list[torch.Tensor],
@@ -462,17 +483,8 @@ class Trainer:
         batch = self.data.loader.next_batch() if batch is None else batch
         batch = batch.to(self.device, non_blocking=True)
         began, blocked = time.perf_counter(), wan.blocked_s
-        accum, losses = self.config.train.grad_accum, []
         try:
-            for index, micro in enumerate(batch.chunk(accum)):
-                last = index == accum - 1
-                # The region reduces the gradients once, after the last micro-batch.
-                with contextlib.nullcontext() if last else no_gradient_sync(train_model):
-                    with autocast_for(self.config, self.device):
-                        loss = lm_loss(train_model, micro)
-                    scaled = loss / accum
-                    (scaled + penalty() if penalty is not None and last else scaled).backward()
-                losses.append(loss.detach())
+            loss = forward_backward(train_model, batch, self.config, self.device, penalty)
             if self.grad_bytes is None:
                 self.grad_bytes = storage_bytes(p.grad for p in self.optimizer_parameters())
             if self.config.train.grad_clip > 0:
@@ -480,7 +492,7 @@ class Trainer:
             self.optimizer.step()
         finally:  # a failed step (a federated client's, which the round survives) leaves no gradients
             self.optimizer.zero_grad(set_to_none=True)
-        loss_value = torch.stack(losses).mean().item()
+        loss_value = loss.item()
         return loss_value, time.perf_counter() - began - (wan.blocked_s - blocked)
 
     def optimizer_parameters(self) -> list[torch.Tensor]:

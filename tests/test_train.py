@@ -308,3 +308,13 @@ def test_two_micro_batches_of_4_train_as_one_batch_of_8(tmp_path, shape):
     assert a["final_eval_loss"] < a["initial_eval_loss"] - 1
     assert a["tokens"] == b["tokens"]
     assert a["bytes_sent"] == b["bytes_sent"]  # ddp: one all-reduce a step either way
+
+
+def test_a_hub_corpus_out_of_reach_falls_back_to_the_shipped_one(tmp_path):
+    # HF_HUB_OFFLINE makes the hub out of reach whatever this machine's network.
+    args = overrides(*BASE, "data.source=hf:HuggingFaceFW/fineweb-edu", "train.steps=2", "eval.every=0",
+                     "checkpoint.every=0", f"run.dir={tmp_path}", "run.name=offline")  # fmt: skip
+    result = cocodc("train", "-c", TINY, *args, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("data.source hf:HuggingFaceFW/fineweb-edu falls back to the shipped corpus") == 1
+    assert load_config(tmp_path / "offline" / "config.yaml").data.source == "kjv"
