@@ -37,8 +37,7 @@ def split_parameters(run: Path, step: int, config) -> dict[str, torch.Tensor]:
 
 def ordinary_training(config, batches_per_step) -> dict[str, torch.Tensor]:
     """The whole model trained in this process, one AdamW, on the given batches."""
-    torch.manual_seed(config.seed)
-    model = Transformer(config.model, 256, config.train.seq_len)
+    model = Transformer(config.model, 256, config.train.seq_len, seed=config.seed)  # as the trainer builds it
     optimizer = inner_optimizer(model, config)
     for step, batch in enumerate(batches_per_step, start=1):
         for group in optimizer.param_groups:
