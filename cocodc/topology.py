@@ -16,6 +16,7 @@ surfaces as an error within that bound rather than a hang.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -167,9 +168,7 @@ def _join_job(config: Config) -> torch.device:
     if dist.is_initialized():
         return device
     if "MASTER_ADDR" not in os.environ:  # a plain `python -m cocodc.train`: a job of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", "0")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
     setup = timedelta(minutes=10)
     if config.ft.enabled and RESTART_ENV in os.environ:
         # torchrun's store outlives a restart of the job, and the addresses the ranks of a dead life
@@ -181,6 +180,12 @@ def _join_job(config: Config) -> torch.device:
     else:
         dist.init_process_group(backend, timeout=setup)
     return device
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _group_timeout(config: Config) -> timedelta:
