@@ -164,3 +164,21 @@ def test_compiled_blocks_train_as_eager_ones():
         return losses
 
     assert train(True) == pytest.approx(train(False), abs=1e-4)
+
+
+def test_an_inner_step_of_two_micro_batches_runs_the_model_on_each_half():
+    from cocodc.trainer import forward_backward
+
+    model, rows = _small(), []
+    model.register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[0]))
+    config = load_config(REPO / "configs" / "tiny.yaml", ["train.grad_accum=2"])
+    batch = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(2))
+    loss = forward_backward(model, batch, config, torch.device("cpu"))
+    assert rows == [2, 2]
+    grads = [p.grad.clone() for p in model.parameters()]
+    whole = _small()
+    whole_loss = lm_loss(whole, batch)
+    whole_loss.backward()
+    assert abs(loss - whole_loss) < 1e-6  # the mean of the halves' means: equal token counts
+    for a, b in zip(grads, (p.grad for p in whole.parameters()), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
