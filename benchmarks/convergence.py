@@ -88,7 +88,7 @@ for lr in OUTER_LRS:
     for base in ("streaming", "cocodc"):
         METHODS[f"{base} a=0.5 olr={lr}"] = [f"sync.method={base}", "sync.alpha=0.5", f"sync.outer_lr={lr}"]
 # The AdamW weight's lambda above its default of 750 (not in the default sweep): 3000, the default
-# until docs/RESULTS.md's seventh round, did as well at H 40 and never reached Streaming DiLoCo at H 80.
+# until docs/results.md's seventh round, did as well at H 40 and never reached Streaming DiLoCo at H 80.
 LAMBDAS = (1500, 3000)
 for lam in LAMBDAS:
     METHODS[f"cocodc a=0.5 lambda={lam}"] = [*COCODC, f"sync.dc_lambda={lam}"]

@@ -26,6 +26,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 from torch.distributed import TCPStore
@@ -168,10 +170,16 @@ def train_over_netem(config: Config, args: list[str]) -> int:
         if not config.train.threads:  # every region on this host: share its cores out
             threads = max(1, (os.cpu_count() or 1) // (regions * config.topology.ranks_per_region))
             args = [*args, "--set", f"train.threads={threads}"]
+        started = time.time()
         for region in range(regions):
             nodes.append(_start_node(config, spec.name, region, args, env))
-        # The workers of the others notice a lost region within the timeout, then say so.
-        codes = _wait(nodes, received, grace_s=config.topology.timeout_s + 10)
+        # Once one rank has reported a lost peer (its rescue written, or its node failed), the others
+        # notice within the timeout and say so; an agent whose region lost its link cannot reach the
+        # rendezvous to finish, so what still runs after that is stopped.
+        rescues = config.run_dir / "checkpoints" / "rescue"
+        codes = _wait(
+            nodes, received, grace_s=config.topology.timeout_s, reported=lambda: _rescued_since(rescues, started)
+        )
     finally:
         # Stopped by a signal, the workers get the time to save; after a failure they have had it.
         _stop(nodes, netem.STOP_GRACE_S if codes is None else FAILED_NODE_GRACE_S)
@@ -279,22 +287,35 @@ def _start_node(config: Config, name: str, region: int, args: list[str], env: di
     return subprocess.Popen(command, env=env)  # the node ties itself to this process (`torchrun`)
 
 
-def _wait(nodes: list[subprocess.Popen], received: list[int], grace_s: float) -> list[int] | None:
+def _wait(
+    nodes: list[subprocess.Popen],
+    received: list[int],
+    grace_s: float,
+    reported: Callable[[], bool] = lambda: False,
+) -> list[int] | None:
     """The nodes' exit codes once all have exited, or None as soon as a stop signal is received
-    (polled: a recorded signal does not end a blocking wait). Once a node has failed the others
-    get `grace_s` to end on their own; those still running then count as failed (code 1) and
-    `_stop` ends them (an agent whose region lost its link cannot reach the rendezvous to finish)."""
+    (polled: a recorded signal does not end a blocking wait). Once a node has failed, or a rank
+    has `reported` a failure, the others get `grace_s` to end on their own; those still running
+    then count as failed (code 1) and `_stop` ends them."""
     failed_at = None
     while not received:
         codes = [node.poll() for node in nodes]
         if None not in codes:
             return codes
-        if failed_at is None and any(codes):
+        if failed_at is None and (any(codes) or reported()):
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
             return [code if code is not None else 1 for code in codes]
         time.sleep(0.2)
     return None
+
+
+def _rescued_since(rescues: Path, started: float) -> bool:
+    """Whether a rank has written its rescue (a lost peer ended its run) since `started`."""
+    try:
+        return any(path.stat().st_mtime >= started for path in rescues.iterdir())
+    except OSError:  # no rescue yet
+        return False
 
 
 def _stop(nodes: list[subprocess.Popen], grace_s: float) -> None:
@@ -311,7 +332,7 @@ def _stop(nodes: list[subprocess.Popen], grace_s: float) -> None:
             node.wait()
 
 
-def netem_command(args: list[str]) -> int:
+def netem_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cocodc netem", description="An emulated WAN between regions on this host.")
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--name", default="cocodc", help="network name (namespaces <name>-r<m>)")
@@ -322,7 +343,11 @@ def netem_command(args: list[str]) -> int:
     parser.add_argument("--jitter-ms", type=float, default=0.0)
     parser.add_argument("--loss-pct", type=float, default=0.0)
     parser.add_argument("--backend", choices=["auto", "kernel", "tun"], default="auto")
-    options = parser.parse_args(args)
+    return parser
+
+
+def netem_command(args: list[str]) -> int:
+    options = netem_parser().parse_args(args)
     try:
         if options.action == "down":
             print(f"removed {options.name}" if netem.down(options.name) else f"no network named {options.name}")

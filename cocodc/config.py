@@ -26,40 +26,42 @@ class ConfigError(ValueError):
 
 @dataclass
 class TopologyConfig:
-    regions: int = 2
+    regions: int = 2  # M: regions, joined by the (slow) WAN
+    # R: ranks (GPUs) per region, on the region's fast link; each carries 1/R of every fragment over the WAN
     ranks_per_region: int = 1
+    # auto: NCCL on GPUs with a GPU per rank, else gloo (ranks that share GPUs, the CPU)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # How a region holds its model: ddp (a whole replica on every rank) or fsdp (FSDP2: parameters,
     # gradients, inner and outer optimizer state sharded over the region's ranks).
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    # A collective or transfer that does not complete within this many seconds (a peer died or
-    # fell silent) ends the run with an error; it must exceed the longest real transfer.
+    # A collective or transfer that does not complete within this many seconds plus twice its
+    # expected time on the link (a peer died or fell silent) ends the run with one error line a rank.
     timeout_s: float = 120.0
 
 
 @dataclass
 class ModelConfig:
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
+    n_layers: int = 4  # transformer blocks
+    d_model: int = 128  # width of the residual stream
+    n_heads: int = 4  # attention heads (d_model / n_heads: an even head size)
     ffn_hidden: int = 0  # 0: 8/3 * d_model rounded up to a multiple of 64 (SwiGLU sizing)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # the rotary positions' base
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16  # sequences per rank per inner step
-    seq_len: int = 128
-    lr: float = 3e-3
+    steps: int = 300  # inner steps (rounds, in the federated mode)
+    batch_size: int = 16  # sequences per rank per inner step (per micro-batch with grad_accum)
+    seq_len: int = 128  # tokens per sequence
+    lr: float = 3e-3  # AdamW's peak learning rate
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    warmup_steps: int = 20  # linear warmup to lr
+    weight_decay: float = 0.1  # AdamW's, on the matrices (not the norms)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    grad_clip: float = 1.0  # the gradients' global norm is clipped to this; 0 disables clipping
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where there is one (the regions mode)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     threads: int = 0  # torch intra-op threads per rank; 0: the cores divided among local ranks
     # The outer sync's fused kernels: auto runs Triton on CUDA tensors where triton is installed,
@@ -67,28 +69,31 @@ class TrainConfig:
     kernels: Literal["auto", "torch", "triton"] = "auto"
     # CUDA: deterministic kernels only (slower), so a GPU run repeats bit for bit; the CPU always does.
     deterministic: bool = False
-    log_every: int = 10
-    # Throughput. grad_accum: micro-batches of batch_size per inner step (the regions mode; the
-    # gradients are reduced inside the region on the last only). compile: the blocks through
-    # torch.compile (inductor; on CPU it needs a C compiler). activation_checkpointing: the blocks
-    # recompute their activations in backward, "full" (keep each block's input) or "selective"
-    # (keep the matmuls' and attention's outputs). loss_chunk_tokens: the loss's fp32 logits made
-    # this many tokens at a time and recomputed in backward (0: all at once).
+    log_every: int = 10  # steps between two train records (the console's progress is every step)
+    # Micro-batches of batch_size per inner step (the regions mode); the region reduces the
+    # gradients after the last only.
     grad_accum: int = 1
-    compile: bool = False
+    compile: bool = False  # the blocks through torch.compile (inductor: needs a C compiler, on the CPU too)
+    # The blocks recompute their activations in backward: "full" keeps each block's input only,
+    # "selective" keeps the matmuls' and attention's outputs and recomputes norms, rotary and SiLU.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # The loss's fp32 logits made this many tokens at a time and recomputed in backward, so a whole
+    # batch's never exist at once; 0: in one piece.
     loss_chunk_tokens: int = 4096
 
 
 @dataclass
 class SyncConfig:
+    # ddp: data-parallel over every rank, an all-reduce a step; diloco: the whole model every H
+    # steps; streaming: P fragments in turn, overlapped with tau steps; cocodc: streaming with delay
+    # compensation (and, with schedule adaptive, adaptive transmission)
     method: Literal["ddp", "diloco", "streaming", "cocodc"] = "diloco"
     sync_every: int = 50  # H: inner steps between two syncs of the same fragment
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    outer_nesterov: bool = True
-    fragments: int = 1  # P
-    fragment_pattern: Literal["strided", "sequential"] = "strided"
+    outer_lr: float = 0.7  # the outer SGD's learning rate
+    outer_momentum: float = 0.9  # the outer SGD's momentum
+    outer_nesterov: bool = True  # Nesterov momentum for the outer step
+    fragments: int = 1  # P: the model's blocks in P fragments, synced in turn
+    fragment_pattern: Literal["strided", "sequential"] = "strided"  # strided: block i in fragment i mod P
     delay: int = 0  # tau: inner steps between sending a fragment and applying its result
     # The merge's share of the live parameters: live <- alpha * live + (1 - alpha) * global for
     # streaming; the mix after cocodc's compensation. Unset: 0 for streaming (torchft's default),
@@ -104,14 +109,14 @@ class SyncConfig:
     # dc_lambda unset: 750 for "adam" (it multiplies a gradient's size; benchmarks/convergence.py
     # chose it: 3000 did as well at H 40 and never reached Streaming DiLoCo at H 80), 0.5 for the others.
     dc_lambda: float | None = None
-    dc_adaptive: bool = True
-    dc_beta: float = 0.99
-    dc_normaliser: Literal["adam", "running", "tensor"] = "adam"
-    # adaptive: each slot syncs the fragment with the largest drift (none unsynced > max_staleness
-    # steps; 0: 2 H) and, with adaptive_delay, picks its tau from the measured step and transfer times.
+    dc_adaptive: bool = True  # cocodc: w normalised by dc_normaliser; false: dc_lambda * delta^2
+    dc_beta: float = 0.99  # the running normaliser's decay
+    dc_normaliser: Literal["adam", "running", "tensor"] = "adam"  # cocodc's weight rule (see dc_lambda)
+    # round_robin: fragments in turn; adaptive: each slot syncs the fragment that drifted most
+    # (none unsynced longer than max_staleness) with a tau from the measured step and transfer times.
     schedule: Literal["round_robin", "adaptive"] = "round_robin"
-    max_staleness: int = 0
-    adaptive_delay: bool = True
+    max_staleness: int = 0  # adaptive: the longest a fragment may go unsynced, in steps; 0: 2 H
+    adaptive_delay: bool = True  # adaptive: tau from the measured times; false: sync.delay
     # The adaptive schedule's share of the link: where the measured transfers leave the link idle,
     # a slot carries as many fragments as fit in this share of its time (0: one a slot).
     link_share: float = 0.0
@@ -143,7 +148,7 @@ class WanConfig:
     emulation: Literal["model", "netem"] = "model"  # model: the comm engine's link model; netem: namespaces
     latency_ms: float | list[list[float]] = 0.0  # one-way
     bandwidth_mbps: float | list[list[float]] = 0.0  # 0: unlimited
-    jitter_ms: float = 0.0
+    jitter_ms: float = 0.0  # latency drawn uniformly within +- this
     loss_pct: float = 0.0  # packet loss; netem only (TCP retransmits are not modelled)
 
     @property
@@ -158,11 +163,13 @@ def _any_positive(value: float | list[list[float]]) -> bool:
 @dataclass
 class DataConfig:
     source: str = "kjv"  # "kjv" (shipped), a path/glob of text files, or "hf:<dataset>"
-    hf_config: str | None = None
-    text_field: str = "text"
-    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    hf_config: str | None = None  # hf: the dataset's configuration (e.g. sample-10BT)
+    text_field: str = "text"  # hf: the column that holds the text
+    tokenizer: Literal["bytes", "bpe"] = "bytes"  # bytes (256 tokens) or a BPE trained at start
     vocab_size: int = 4096  # bpe only
     bpe_train_docs: int = 20000  # hub streams: documents read to train the BPE
+    # iid: a seeded shuffle dealt round-robin; non_iid: each domain split among regions by
+    # Dirichlet(dirichlet_alpha) shares
     split: Literal["iid", "non_iid"] = "iid"
     dirichlet_alpha: float = 0.5  # non_iid: smaller means regions hold more distinct domains
     eval_fraction: float = 0.02  # local corpora: tail of every domain held out for eval
@@ -172,9 +179,9 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 50  # 0: only at the start and the end
-    batches: int = 8
-    per_region: bool = False
+    every: int = 50  # steps between evals of the global model; 0: only at the start and the end
+    batches: int = 8  # eval batches of train.batch_size sequences (a fixed held-out set)
+    per_region: bool = False  # also each region's live model
 
 
 @dataclass
@@ -182,7 +189,7 @@ class FtConfig:
     """Regions that fail and come back (torchft): each region is its own torchrun job, a replica
     group of torchft's, and a lighthouse decides who takes part in every fragment sync."""
 
-    enabled: bool = False
+    enabled: bool = False  # regions that fail are left out of the syncs, restarted and healed from a peer
     lighthouse: str = ""  # http://host:port of a running lighthouse; empty: `cocodc train` starts one
     min_regions: int = 1  # a sync commits only with at least this many regions in its quorum
     # A region whose heartbeat is silent this long is out of the next quorum: the bound on how long
@@ -197,21 +204,21 @@ class FtConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs"
-    name: str = ""  # empty: the config file's stem
+    dir: str = "runs"  # where run directories go
+    name: str = ""  # the run directory's name; empty: the config file's stem
 
 
 @dataclass
 class WandbConfig:
-    mode: Literal["disabled", "offline", "online"] = "disabled"
-    project: str = "cocodc"
-    entity: str | None = None
+    mode: Literal["disabled", "offline", "online"] = "disabled"  # online after `wandb login`
+    project: str = "cocodc"  # the wandb project
+    entity: str | None = None  # the wandb team or user; unset: wandb's default
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: only at the end
-    keep: int = 2
+    every: int = 0  # steps between checkpoints; 0: only at the end
+    keep: int = 2  # complete checkpoints kept
     # Write the region's checkpoint on a background thread once its state is copied to host memory
     # (torch.distributed.checkpoint's async_save); the step is committed when every rank's files are
     # in, at the latest when the next save begins.
@@ -223,8 +230,8 @@ class SplitConfig:
     """`mode: split`: workers (dealt over `executors` processes) hold the data and the model's
     bottom, the embedding and the first `cut` blocks; the server (rank 0) the rest."""
 
-    workers: int = 4
-    executors: int = 2
+    workers: int = 4  # workers, each with its own data shard
+    executors: int = 2  # processes the workers are dealt over
     cut: int = 1  # blocks on the workers: 1 .. model.n_layers - 1
     shape: Literal["two", "u"] = "two"  # u: the final norm and head stay on the workers with the labels
     merge: bool = True  # one server step on every worker's activations at once; false: SplitFed v2
@@ -243,11 +250,11 @@ class DevicesConfig:
     (spread 1: every device alike)."""
 
     step_s: float = 0.1  # modelled seconds of one train.batch_size step on the median device
-    speed_spread: float = 1.0
+    speed_spread: float = 1.0  # the slowest device's step time over the fastest's
     bandwidth_mbps: float = 0.0  # the median device's link, each way; 0: unlimited
-    bandwidth_spread: float = 1.0
+    bandwidth_spread: float = 1.0  # the fastest link's bandwidth over the slowest's
     latency_ms: float = 0.0  # the median device's one-way latency
-    latency_spread: float = 1.0
+    latency_spread: float = 1.0  # the longest latency over the shortest
     server_bandwidth_mbps: float = 0.0  # the server's link, shared by every device; 0: unlimited
 
 
@@ -257,15 +264,14 @@ class FederatedConfig:
 
     clients: int = 20  # N
     clients_per_round: int = 5  # K, sampled without replacement; every client equally often
-    rounds: int = 30
+    rounds: int = 30  # rounds of training
     local_steps: int = 10  # AdamW steps of a client per round (a fresh optimizer every round)
     executors: int = 2  # processes that train the sampled clients, dealt round-robin
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
-    # The server optimizer of fedadam/fedyogi/fedadagrad; unset: Flower's default for the strategy.
-    server_lr: float | None = None
-    server_beta1: float | None = None
-    server_beta2: float | None = None
-    server_tau: float | None = None
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"  # as Flower computes it
+    server_lr: float | None = None  # fedadam/fedyogi/fedadagrad: the server's lr; unset: Flower's default
+    server_beta1: float | None = None  # the server optimizer's beta1; unset: Flower's default
+    server_beta2: float | None = None  # the server optimizer's beta2; unset: Flower's default
+    server_tau: float | None = None  # the server optimizer's adaptivity (epsilon); unset: Flower's default
     proximal_mu: float = 0.0  # fedprox: mu / 2 ||w - w_global||^2 in the client loss
     quantize: Literal["fp32", "bf16", "fp8", "int8", "e3m0"] = "fp32"  # the uploaded updates
     deadline_s: float = 0.0  # modelled seconds; an update arriving later is dropped. 0: no deadline
@@ -290,8 +296,8 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     ft: FtConfig = field(default_factory=FtConfig)
-    mode: Literal["regions", "federated", "split"] = "regions"
-    seed: int = 0
+    mode: Literal["regions", "federated", "split"] = "regions"  # what trains: regions, federated clients, split workers
+    seed: int = 0  # the model's initialisation, the data's order, the link model's draws
 
     @property
     def run_dir(self) -> Path:

@@ -121,6 +121,25 @@ def check_run_dir(config: Config, resume: bool, overwrite: bool, region: int = 0
         )
 
 
+RUN_README = """A cocodc run directory (cocodc train ...; --resume continues it).
+
+config.yaml               the resolved config: every key, defaults included
+metrics.jsonl             records, one JSON object a line (train, eval, sync, decision; round or
+                          split in those modes), written by region 0's leader (the server)
+metrics-region<m>.jsonl   the same records of region m > 0 (one writer a file): read them all
+                          together with cocodc.metrics.read_records("metrics.jsonl"), or plot
+                          them with `cocodc report <this directory>`
+summary.json              the run's summary: final eval loss, tokens/s, TFLOP/s, MFU, peak memory,
+                          WAN bytes, the training state per rank (with ft.enabled, region m's own
+                          in summary-region<m>.json)
+checkpoints/              step_<N>/ sharded checkpoints, the newest complete one named in LATEST
+                          (with ft.enabled, one such directory per region); rescue/: what each
+                          rank held when a lost peer ended the run
+tokenizer.json            the BPE tokenizer, with data.tokenizer bpe
+wandb/                    wandb's files, with wandb.mode offline or online
+"""
+
+
 def open_run(
     config: Config, topology: Topology, setup: CommEngine, *, resume: bool, overwrite: bool, stop_at: int | None
 ) -> int:
@@ -138,6 +157,7 @@ def open_run(
         saved = run_dir / f"config.yaml.{os.getpid()}.tmp"
         saved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         saved.replace(run_dir / "config.yaml")
+        (run_dir / "README.txt").write_text(RUN_README)
     start_step = 0
     if resume:
         start_step = checkpoint.latest_step(ckpt_root)

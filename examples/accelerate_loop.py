@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -49,7 +50,13 @@ def main() -> None:
     accelerator = Accelerator(gradient_accumulation_steps=args.accumulate, cpu=not torch.cuda.is_available())
     region, regions = accelerator.process_index, accelerator.num_processes
     if regions < 2:
-        raise SystemExit("accelerate_loop: start one process per region (at least 2); see the docstring")
+        print(
+            f"accelerate_loop: {regions} process, but it needs one per region (at least 2); accelerate launch starts "
+            "one on a CPU-only machine. Run: torchrun --standalone --nproc-per-node 2 examples/accelerate_loop.py "
+            f"--out {args.out} (on GPUs: accelerate launch --num_processes 2 examples/accelerate_loop.py --out ...)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     torch.manual_seed(0)
     data = load_rank_data(DataConfig(), ByteTokenizer(), seed=0, batch_size=8, seq_len=64, eval_batch_count=4,
                           regions=regions, ranks_per_region=1, rank=region)  # fmt: skip

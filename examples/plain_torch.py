@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -42,6 +44,13 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
 
+    if int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        print(
+            "plain_torch: it needs one process per region (at least 2), started by torchrun. Run: torchrun "
+            f"--standalone --nproc-per-node 2 examples/plain_torch.py --out {args.out}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     dist.init_process_group("gloo")
     region, regions = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

@@ -44,3 +44,17 @@ def test_accumulated_micro_batches_count_one_inner_step(tmp_path, accumulate):
     # `accumulate` micro-batches per optimizer step: 12 optimizer steps are 12 inner steps.
     for region in launch("accelerate", tmp_path, "--steps", "12", "--accumulate", str(accumulate)):
         assert region["summary"]["inner_steps"] == 12 and region["summary"]["batches_read"] == 12 * accumulate
+
+
+@pytest.mark.parametrize("example", ["plain", "accelerate"])
+def test_one_process_is_told_how_to_launch(tmp_path, example):
+    # What `python example.py` or `accelerate launch --cpu` starts: a single process.
+    env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK")}
+    result = subprocess.run([sys.executable, str(EXAMPLES[example]), "--out", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120, env=env)  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert (
+        f"Run: torchrun --standalone --nproc-per-node 2 examples/{EXAMPLES[example].name} --out {tmp_path}" in lines[0]
+    )

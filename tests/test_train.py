@@ -63,6 +63,8 @@ def test_diloco_two_regions_trains_and_reports(full_run):
     assert sorted({(r["region"], r["step"]) for r in records if r["kind"] == "train"}) == [
         (m, s) for m in (0, 1) for s in range(2, 25, 2)
     ]
+    guide = (full_run / "README.txt").read_text()
+    assert "metrics-region<m>.jsonl" in guide and "read_records" in guide  # says where region 1's records are
     saved = load_config(full_run / "config.yaml")
     assert saved.train.steps == 24 and saved.model.d_model == 64
 

@@ -1,0 +1,96 @@
+"""The docs stay true: the configuration reference is what config.py says, every `cocodc` command
+the README and docs/ show parses (its config loads with its overrides, its paths exist), and every
+relative link leads somewhere. Nothing here runs a command."""
+
+import re
+import shlex
+
+import pytest
+
+from cocodc import config_doc
+from cocodc.cli import netem_parser
+from cocodc.config import load_config
+from cocodc.train import build_parser
+
+from conftest import REPO
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_the_config_reference_is_generated_from_config_py():
+    committed = (REPO / "docs" / "config.md").read_text()
+    assert committed == config_doc.render(), "docs/config.md is stale: python -m cocodc.config_doc > docs/config.md"
+
+
+def test_every_config_key_has_a_meaning_in_config_py():
+    class Undocumented:
+        documented: int = 1  # what it means
+        silent: int = 2
+
+    assert config_doc.field_comments(Undocumented) == {"documented": "what it means"}
+    assert "`train.grad_accum`" in config_doc.render()
+
+
+def shown_commands() -> list[tuple[str, list[str]]]:
+    """(page:line, argv after `cocodc`) of every cocodc command in a code block; `torchrun ... -m
+    cocodc.train ...` counts as `cocodc train ...`."""
+    found = []
+    for page in PAGES:
+        in_code, pending, start = False, "", 0
+        for number, line in enumerate(page.read_text().splitlines(), start=1):
+            if line.startswith("```"):
+                in_code, pending = not in_code, ""
+                continue
+            if not in_code:
+                continue
+            if not pending:
+                start = number
+            text = pending + line.strip()
+            if text.endswith("\\"):
+                pending = text[:-1] + " "
+                continue
+            pending = ""
+            if not (text.startswith("cocodc ") or "-m cocodc.train" in text):
+                continue  # other shells' lines, Python, output
+            words = shlex.split(text, comments=True)
+            where = f"{page.relative_to(REPO)}:{start}"
+            if words[:1] == ["cocodc"]:
+                found.append((where, words[1:]))
+            elif "cocodc.train" in words:
+                found.append((where, ["train", *words[words.index("cocodc.train") + 1 :]]))
+    return found
+
+
+COMMANDS = shown_commands()
+
+
+def test_the_docs_show_commands():
+    assert len(COMMANDS) >= 8
+    assert {argv[0] for _, argv in COMMANDS} >= {"train", "netem", "report"}
+
+
+@pytest.mark.parametrize(("where", "argv"), COMMANDS, ids=[where for where, _ in COMMANDS])
+def test_a_shown_command_parses(where, argv):
+    command, args = argv[0], argv[1:]
+    if command == "train":
+        options = build_parser().parse_args(args)
+        assert (REPO / options.config).is_file(), f"{where}: no config {options.config}"
+        load_config(REPO / options.config, options.overrides)  # a wrong key or value raises
+    elif command == "netem":
+        options = netem_parser().parse_args(args)
+        assert options.config is None or (REPO / options.config).is_file(), where
+    else:
+        assert command == "report", f"{where}: cocodc has no command {command!r}"
+        assert args, f"{where}: cocodc report needs run directories"
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(REPO)) for p in PAGES])
+def test_relative_links_lead_somewhere(page):
+    for target in LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:", "#")):
+            continue
+        path = target.split("#")[0]
+        assert (page.parent / path).exists(), f"{page.relative_to(REPO)} links to {target}, which is not there"
