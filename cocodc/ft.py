@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from cocodc.comm import CommEngine, CommError
 from cocodc.comm.wan import LinkModel
-from cocodc.config import Config
+from cocodc.config import Config, ConfigError
 from cocodc.topology import RESTART_ENV, Topology
 
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own: the lighthouse's address
@@ -85,6 +85,12 @@ class RegionQuorum:
         logging.getLogger("torchft").setLevel(logging.ERROR)
 
         f, timeout = config.ft, timedelta(seconds=config.topology.timeout_s)
+        lighthouse = f.lighthouse or os.environ.get(LIGHTHOUSE_ENV)
+        if not lighthouse:
+            raise ConfigError(
+                f"ft.enabled: no lighthouse to ask: set ft.lighthouse (or {LIGHTHOUSE_ENV}) to its http://host:port "
+                "(`cocodc train` on one host starts one itself)"
+            )
         self.config, self.topology = config, topology
         self.group = ProcessGroupGloo(timeout=timeout)
         self._load = load
@@ -103,7 +109,7 @@ class RegionQuorum:
                 rank=topology.local_index,
                 world_size=topology.ranks_per_region,
                 replica_id=f"region{topology.region}",
-                lighthouse_addr=f.lighthouse or os.environ.get(LIGHTHOUSE_ENV),
+                lighthouse_addr=lighthouse,
                 init_sync=False,  # every region starts from the same seeded model
                 store_addr=host,
                 store_port=port,

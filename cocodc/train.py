@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     parser.add_argument(
+        "--print-run-dir",
+        action="store_true",
+        help="print the run directory the config and overrides name, and exit (for job scripts)",
+    )
+    parser.add_argument(
         "--stop-at",
         type=int,
         default=None,
@@ -146,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _stop_on)
     try:
         config = load_config(args.config, args.overrides)
+        if args.print_run_dir:
+            print(config.run_dir)
+            return 0
         run(config, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at)
     except (ConfigError, checkpoint.CheckpointError, FloatingPointError, CommError, Interrupted) as err:
-        print(f"cocodc: error: {err}", file=sys.stderr)
+        # One write: the ranks share the launcher's stderr, and print's two (text, newline) would let
+        # another rank's line land between them.
+        sys.stderr.write(f"cocodc: error: {err}\n")
+        sys.stderr.flush()
         return 2
     finally:
         shutdown()

@@ -565,7 +565,8 @@ class Trainer:
             signal.signal(stop, signal.SIG_IGN)
         rescued = checkpointer.rescue(self.step, ["model", "optimizer", "data"], mode.rescue_state())
         try:
-            last = f"the last complete checkpoint is step {checkpoint.latest_step(checkpointer.root)}"
+            step = checkpoint.latest_step(checkpointer.root)
+            last = f"the last complete checkpoint is step {step} (--resume continues it)"
         except checkpoint.CheckpointError:
             last = "there is no complete checkpoint"
         return type(err)(f"{err} at step {self.step}; this rank's state is in {rescued}; {last}")

@@ -3,6 +3,7 @@ clear line each, a rescue of its state, and nothing left running. Real torchrun,
 real network namespaces (the silent link; skipped without root and /dev/net/tun)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,13 @@ def finish(launcher: subprocess.Popen, run: Path, bound: float) -> str:
     return stderr
 
 
+RANK_LINE = re.compile(
+    r"cocodc: error: .+ on the [\w-]+ group \([^)]+\).* at step (?P<step>\d+); this rank's state is in "
+    r"(?P<rescue>\S+/rescue/rank(?P<rank>\d+)-step(?P=step)\.pt); the last complete checkpoint is step (?P<last>\d+) "
+    r"\(--resume continues it\)"
+)
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("cocodc: error:")]
 
@@ -97,8 +105,15 @@ def test_a_killed_rank_ends_the_run_with_one_line_per_rank(tmp_path, case):
     os.kill(victim, signal.SIGKILL)
     stderr = finish(launcher, run, bound=TIMEOUT_S + 60)
     lines = error_lines(stderr)
-    assert lines, stderr[-3000:]
-    assert all(line.count("\n") == 0 for line in lines)
+    # The launcher's line last; before it one line from each surviving rank (never two run together):
+    # what failed on which group (its members named), at which step, where this rank's state went,
+    # and what to resume from.
+    assert lines[-1] == "cocodc: error: rank 1 was killed by SIGKILL first; the run stopped", stderr[-3000:]
+    said = [RANK_LINE.fullmatch(line) for line in lines[:-1]]
+    assert all(said) and sorted(int(m["rank"]) for m in said) == [0, 2], lines
+    for m in said:
+        assert Path(m["rescue"]).is_file()
+        assert int(m["last"]) % 5 == 0 and 5 <= int(m["last"]) <= int(m["step"])  # checkpoint.every=5
     rescued = sorted((run / "checkpoints" / "rescue").iterdir())
     assert {path.name.split("-")[0] for path in rescued} <= {"rank0", "rank2"} and rescued
     state = torch.load(rescued[0], weights_only=True)

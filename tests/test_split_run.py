@@ -14,7 +14,6 @@ from cocodc.data import ByteTokenizer, ShardLoader, load_client_data
 from cocodc.metrics import read_records
 from cocodc.model import Transformer, lm_loss
 from cocodc.split.plan import on_worker
-from cocodc.trainer import inner_optimizer, lr_at
 
 from conftest import FAST, REPO, cocodc, one_line_error, overrides
 
@@ -36,12 +35,24 @@ def split_parameters(run: Path, step: int, config) -> dict[str, torch.Tensor]:
 
 
 def ordinary_training(config, batches_per_step) -> dict[str, torch.Tensor]:
-    """The whole model trained in this process, one AdamW, on the given batches."""
-    model = Transformer(config.model, 256, config.train.seq_len, seed=config.seed)  # as the trainer builds it
-    optimizer = inner_optimizer(model, config)
+    """The whole model trained in this process on the given batches by plain torch: one AdamW with
+    weight decay on the matrices only, and the schedule (linear warm-up, then cosine down to
+    lr x min_lr_ratio) written out here, so that a bug the mode shares with the trainer's own
+    optimizer or schedule cannot pass."""
+    t = config.train
+    model = Transformer(config.model, 256, t.seq_len, seed=config.seed)  # as the trainer builds it
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": t.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
     for step, batch in enumerate(batches_per_step, start=1):
+        if step <= t.warmup_steps:
+            lr = t.lr * step / t.warmup_steps
+        else:
+            progress = (step - t.warmup_steps) / (t.steps - t.warmup_steps)
+            lr = t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+            group["lr"] = lr
         lm_loss(model, batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
