@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from cocodc import checkpoint
-from cocodc.config import load_config
+from cocodc.config import ConfigError, load_config
 from cocodc.metrics import read_records
 from cocodc.model import Transformer
+from cocodc.trainer import check_run_dir
 
 from conftest import FAST, TINY, cocodc, one_line_error, overrides
 from wandb_log import summarize
@@ -316,7 +317,23 @@ def test_a_hub_corpus_out_of_reach_falls_back_to_the_shipped_one(tmp_path):
     # HF_HUB_OFFLINE makes the hub out of reach whatever this machine's network.
     args = overrides(*BASE, "data.source=hf:HuggingFaceFW/fineweb-edu", "train.steps=2", "eval.every=0",
                      "checkpoint.every=0", f"run.dir={tmp_path}", "run.name=offline")  # fmt: skip
-    result = cocodc("train", "-c", TINY, *args, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    stale = tmp_path / "offline" / "stale.txt"  # an earlier run's: --overwrite replaces the directory
+    stale.parent.mkdir()
+    stale.write_text("old")
+    result = cocodc("train", "-c", TINY, *args, "--overwrite", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not stale.exists()
     assert result.stderr.count("data.source hf:HuggingFaceFW/fineweb-edu falls back to the shipped corpus") == 1
     assert load_config(tmp_path / "offline" / "config.yaml").data.source == "kjv"
+
+
+def test_a_used_run_directory_is_refused_unless_overwritten_or_resumed(tmp_path):
+    config = load_config(TINY, [f"run.dir={tmp_path}", "run.name=used"])
+    check_run_dir(config, resume=False, overwrite=False)  # not there yet
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"run directory .*used exists; pass --resume to continue it, --overwrite"):
+        check_run_dir(config, resume=False, overwrite=False)
+    check_run_dir(config, resume=False, overwrite=True)
+    with pytest.raises(ConfigError, match="--resume and --overwrite contradict each other"):
+        check_run_dir(config, resume=True, overwrite=True)
