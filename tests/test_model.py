@@ -69,13 +69,19 @@ def _loss_and_grads(model: Transformer, batch: torch.Tensor) -> tuple[torch.Tens
 BATCH = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(5))
 
 
+def assert_trains_as_the_plain_model(**settings) -> torch.Tensor:
+    """The model with `settings` gives the plain model's loss and gradients (1e-6); its loss."""
+    plain_loss, plain_grads = _loss_and_grads(_small(), BATCH)
+    loss, grads = _loss_and_grads(_small(**settings), BATCH)
+    assert abs(loss - plain_loss) < 1e-6
+    for a, b in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    return loss
+
+
 @pytest.mark.parametrize("chunk", [7, 16, 40])  # uneven chunks, one per row, fewer than the tokens
 def test_the_chunked_loss_equals_the_whole_one(chunk):
-    whole_loss, whole_grads = _loss_and_grads(_small(), BATCH)
-    loss, grads = _loss_and_grads(_small(loss_chunk_tokens=chunk), BATCH)
-    assert abs(loss - whole_loss) < 1e-6
-    for a, b in zip(grads, whole_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    loss = assert_trains_as_the_plain_model(loss_chunk_tokens=chunk)
     logits = _small(loss_chunk_tokens=chunk)(BATCH[:, :-1])
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), BATCH[:, 1:].flatten())
     assert abs(loss - expected) < 1e-6  # the mean over every token, not over chunks
@@ -98,11 +104,7 @@ def test_the_chunked_loss_keeps_no_logits_for_backward():
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_changes_no_number(mode):
-    plain_loss, plain_grads = _loss_and_grads(_small(), BATCH)
-    loss, grads = _loss_and_grads(_small(activation_checkpointing=mode), BATCH)
-    assert abs(loss - plain_loss) < 1e-6
-    for a, b in zip(grads, plain_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert_trains_as_the_plain_model(activation_checkpointing=mode)
 
 
 def test_activation_checkpointing_recomputes_what_it_did_not_keep():
