@@ -115,6 +115,15 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
+def cause_of(err: BaseException, group: dist.ProcessGroup | None) -> BaseException:
+    """What DCP's CheckpointException wraps: this rank's own exception where it raised one (a signal
+    that stopped it mid-save), else the first rank's; any other exception is its own cause."""
+    if not isinstance(err, CheckpointException) or not err.failures:
+        return err
+    own = dist.get_rank(group) if dist.is_initialized() else 0
+    return err.failures.get(own, next(iter(err.failures.values())))[0]
+
+
 def region_dir(root: Path, step: int, region: int) -> Path:
     return step_dir(root, step) / f"region{region}"
 
@@ -202,7 +211,8 @@ def save_region(root: Path, step: int, region: int, state: dict[str, Any], group
     try:
         dcp.save(state, checkpoint_id=directory, process_group=group)
     except CheckpointException as err:  # a peer lost or stopped mid-save; DCP's own is no Exception
-        raise CheckpointError(f"saving {directory} failed ({_first_line(err)})") from None
+        cause = cause_of(err, group)
+        raise CheckpointError(f"saving {directory} failed ({_first_line(cause)})") from cause
 
 
 def save_region_async(root: Path, step: int, region: int, state: dict[str, Any], group: dist.ProcessGroup) -> Future:
@@ -263,7 +273,10 @@ def load_region(root: Path, step: int, region: int, state: dict[str, Any], group
     try:
         dcp.load(state, checkpoint_id=directory, process_group=group)
     except (Exception, CheckpointException) as err:  # DCP's own is no Exception
-        raise CheckpointError(f"checkpoint {directory} cannot be loaded into this run ({_first_line(err)})") from None
+        cause = cause_of(err, group)
+        raise CheckpointError(
+            f"checkpoint {directory} cannot be loaded into this run ({_first_line(cause)})"
+        ) from cause
 
 
 def read_region(root: Path, step: int, region: int) -> dict[str, Any]:

@@ -28,13 +28,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from torch.distributed import TCPStore
 
 from cocodc import __version__, checkpoint, netem
 from cocodc.config import Config, ConfigError, load_config
-from cocodc.topology import REGION_ENV
+from cocodc.topology import REGION_ENV, REPORTED_EXIT
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 RENDEZVOUS_PORT = 29400
 # The pid of the `cocodc train` that started the workers: they end when it ends, even by SIGKILL.
@@ -138,12 +142,20 @@ def torchrun() -> None:
     except SignalException as err:
         sys.exit(128 + err.sigval)
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        rank, failure = first_cause(err.failures)
         how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited {failure.exitcode}"
         region = os.environ.get(REGION_ENV)  # ft: this is one region's job
         stopped = f"region {region}'s job stopped" if region is not None else "the run stopped"
         print(f"cocodc: error: rank {rank} {how} first; {stopped}", file=sys.stderr)
         sys.exit(1)
+
+
+def first_cause(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
+    """The failure that set the others off: the earliest of those that did not say what went wrong
+    themselves (those lost a peer to it). torchrun's own pick is the earliest to the second, ties to
+    the lowest rank: a survivor that reported within the second of the kill would be named."""
+    unreported = {rank: f for rank, f in failures.items() if f.exitcode != REPORTED_EXIT} or failures
+    return min(unreported.items(), key=lambda item: (item[1].timestamp, item[0]))
 
 
 def train_over_netem(config: Config, args: list[str]) -> int:

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from cocodc.comm import CommEngine
 from cocodc.config import Config
 from cocodc.topology import Topology
 
@@ -42,12 +43,23 @@ def shard_region(model: nn.Module, config: Config, topology: Topology) -> nn.Mod
     return model
 
 
-def replicate_region(model: nn.Module, config: Config, topology: Topology) -> nn.Module:
+def replicate_region(model: nn.Module, config: Config, topology: Topology, intra: CommEngine) -> nn.Module:
     """What the inner step runs through: DDP over the region's ranks for ddp with R > 1; the model
     itself for fsdp (it reduces its own gradients) or a region of one rank."""
     if config.topology.parallel == "fsdp" or topology.ranks_per_region == 1:
         return model
-    return DistributedDataParallel(model, process_group=topology.intra_group)
+    return data_parallel(model, intra)
+
+
+def data_parallel(model: nn.Module, engine: CommEngine) -> DistributedDataParallel:
+    """DDP over the engine's group, its gradients averaged by the engine: a lost peer is then a
+    CommError that names the group, and the engine's deadline holds. No buffer broadcast: the
+    model's only buffers are the rope tables, which every rank builds alike."""
+    replicated = DistributedDataParallel(model, process_group=engine.group, broadcast_buffers=False)
+    # A lambda: DDP rejects a hook whose annotations are strings (postponed evaluation).
+    hook = lambda engine, bucket: engine.all_reduce_mean(bucket.buffer()).future()  # noqa: E731
+    replicated.register_comm_hook(engine, hook)
+    return replicated
 
 
 @contextmanager

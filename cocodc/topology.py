@@ -28,6 +28,7 @@ from cocodc.config import Config, ConfigError
 
 REGION_ENV = "COCODC_REGION"  # with ft: the region whose job this process belongs to
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # torchrun's: how often it restarted this job's workers
+REPORTED_EXIT = 2  # the exit code of a rank that said what went wrong in its own `cocodc: error:` line
 
 
 @dataclass

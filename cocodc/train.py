@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cocodc import checkpoint, kernels
@@ -23,7 +24,7 @@ from cocodc.model import Transformer
 from cocodc.modes.federated import FederatedMode, load_initial_model
 from cocodc.modes.regions import RegionsMode
 from cocodc.modes.split import SplitMode
-from cocodc.topology import init_topology, shutdown
+from cocodc.topology import REPORTED_EXIT, init_topology, shutdown
 from cocodc.trainer import Interrupted, Mode, Trainer, build_tokenizer, open_run, threads_per_rank
 
 
@@ -160,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         # another rank's line land between them.
         sys.stderr.write(f"cocodc: error: {err}\n")
         sys.stderr.flush()
-        return 2
+        if dist.is_initialized():
+            # Its groups may be broken by a lost peer: tearing them down can abort the process (a
+            # gloo thread left joinable), and the launcher would then name this rank as the failure.
+            sys.stdout.flush()
+            os._exit(REPORTED_EXIT)
+        return REPORTED_EXIT
     finally:
         shutdown()
     return 0

@@ -391,26 +391,34 @@ class Checkpointer:
             region_group, job_group = t.save_groups
             future = checkpoint.save_region_async(self.root, step, t.region, region_state, region_group)
             self._writing = threading.Thread(
-                target=self._commit_when_written, args=(step, future, job_group), name="checkpoint", daemon=True
+                target=self._commit_when_written,
+                args=(step, future, region_group, job_group),
+                name="checkpoint",
+                daemon=True,
             )
             self._writing.start()
             return
         try:
             checkpoint.save_region(self.root, step, t.region, region_state, t.intra_group)
         except checkpoint.CheckpointError as err:  # a peer of the region lost mid-save: rescue what this rank has
+            if isinstance(err.__cause__, Interrupted):  # stopped mid-save: said as a stop, not a lost peer
+                raise err.__cause__ from None
             raise CommError(str(err)) from None
         self.world.barrier()
         if t.is_leader:
             checkpoint.commit(self.root, step, self.config, self.config.checkpoint.keep)
 
-    def _commit_when_written(self, step: int, future: Future, job_group: dist.ProcessGroup) -> None:
+    def _commit_when_written(
+        self, step: int, future: Future, region_group: dist.ProcessGroup, job_group: dist.ProcessGroup
+    ) -> None:
         try:
             future.result()
             dist.barrier(group=job_group)
             if self.topology.is_leader:
                 checkpoint.commit(self.root, step, self.config, self.config.checkpoint.keep)
         except BaseException as err:  # DCP's CheckpointException is no Exception
-            self._failure = f"saving {checkpoint.step_dir(self.root, step)} failed ({first_line(err)})"
+            cause = checkpoint.cause_of(err, region_group)
+            self._failure = f"saving {checkpoint.step_dir(self.root, step)} failed ({first_line(cause)})"
 
     def wait(self) -> None:
         """The async save in progress, written and committed (a CommError if it failed: a peer lost)."""

@@ -54,3 +54,24 @@ def test_workers_end_when_torchrun_is_killed(tmp_path, run_root, settings, proce
         launcher.wait()
         for pid in workers(run_root):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_launcher_names_the_rank_that_failed_not_a_survivor_that_reported_it():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from cocodc.cli import first_cause
+
+    def failure(rank: int, exitcode: int, timestamp: int) -> ProcessFailure:
+        found = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file="")
+        found.timestamp = timestamp  # torchrun's: to the second, with no error file
+        return found
+
+    # Rank 0 reported its lost peer (exit 2) within the second rank 1 was killed in: rank 1 began it.
+    killed = {0: failure(0, 2, 7), 1: failure(1, -9, 7), 2: failure(2, 2, 7)}
+    assert first_cause(killed)[0] == 1
+    # Every rank reported (a config error, a NaN): the earliest, then the lowest rank.
+    reported = {0: failure(0, 2, 8), 1: failure(1, 2, 7), 2: failure(2, 2, 7)}
+    assert first_cause(reported)[0] == 1
+    # Two unreported: the earliest, not the lowest.
+    crashed = {0: failure(0, 1, 9), 1: failure(1, 2, 5), 2: failure(2, -6, 8)}
+    assert first_cause(crashed)[0] == 2

@@ -12,13 +12,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from cocodc.comm import CommEngine, CommError
 from cocodc.comm.wan import LinkModel
 from cocodc.config import Config
 from cocodc.modes.faults import FAULTS_ENV, parse_faults
-from cocodc.parallel import load_local_optimizer_state, local_optimizer_state, replicate_region, shard_region
+from cocodc.parallel import (
+    data_parallel,
+    load_local_optimizer_state,
+    local_optimizer_state,
+    replicate_region,
+    shard_region,
+)
 from cocodc.sync import OuterSync
 from cocodc.topology import RESTART_ENV, Topology
 from cocodc.trainer import Stateful, Trainer
@@ -90,12 +95,9 @@ class RegionsMode:
             self.parts["quorum"] = self.quorum  # the commit count: who is behind after a resume
         self.train_model = model
         if self.outer is None and topology.world_size > 1:
-            self.train_model = DistributedDataParallel(model, process_group=topology.world_group)
-            # A lambda: DDP rejects a hook whose annotations are strings (postponed evaluation).
-            hook = lambda wan, bucket: wan.all_reduce_mean(bucket.buffer()).future()  # noqa: E731
-            self.train_model.register_comm_hook(self.wan, hook)
+            self.train_model = data_parallel(model, self.wan)
         elif self.outer is not None:
-            self.train_model = replicate_region(model, config, topology)
+            self.train_model = replicate_region(model, config, topology, intra)
 
     def state_bytes(self) -> dict[str, int]:
         if self.outer is None:
