@@ -67,7 +67,7 @@ def train_command(args: list[str]) -> int:
     if _under_torchrun():
         if LAUNCHER_PID in os.environ:  # torchrun's workers outlive it when it is killed
             netem.end_with(int(os.environ[LAUNCHER_PID]))
-        return train.main(args)
+        train.exit_now(train.main(args))
     options = train.build_parser().parse_args(args)
     try:
         config = load_config(options.config, options.overrides)
@@ -95,7 +95,7 @@ def train_command(args: list[str]) -> int:
             print(f"cocodc: error: interrupted by {err}; the regions' jobs are stopped", file=sys.stderr)
             return 128 + err.signum
     if world_size == 1:
-        return train.main(args)
+        train.exit_now(train.main(args))
     # torchrun would set one thread per process and warn; share the cores out instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     os.environ[LAUNCHER_PID] = str(os.getpid())
@@ -111,21 +111,20 @@ def train_command(args: list[str]) -> int:
                 file=sys.stderr,
             )
             return 128 + err.signum
-    # This process becomes torchrun (same pid, so still the workers' launcher); its agent stops the
-    # workers on SIGTERM and SIGINT.
-    command = [*_torchrun(), "--standalone", f"--nproc-per-node={world_size}", *WORKER, *args]
-    sys.stdout.flush()
-    os.execv(sys.executable, command)
+    # This process runs torchrun in place (torch is imported already: a fresh one would take seconds
+    # more); its agent stops the workers on SIGTERM and SIGINT.
+    torchrun(["--standalone", f"--nproc-per-node={world_size}", *WORKER, *args])
+    return 0
 
 
 def _torchrun() -> list[str]:
     return [sys.executable, "-c", "from cocodc.cli import torchrun; torchrun()"]
 
 
-def torchrun() -> None:
-    """torchrun, without its tracebacks: stopped by SIGTERM or SIGINT it exits 128 + the signal;
-    when a worker fails it names the first failure in one line and exits 1 (each worker has said
-    what it lost in its own `cocodc: error:` line)."""
+def torchrun(argv: list[str] | None = None) -> None:
+    """torchrun with `argv` (else this process's arguments), without its tracebacks: stopped by
+    SIGTERM or SIGINT it exits 128 + the signal; when a worker fails it names the first failure in
+    one line and exits 1 (each worker has said what it lost in its own `cocodc: error:` line)."""
     import logging
 
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -133,12 +132,12 @@ def torchrun() -> None:
     from torch.distributed.run import main
 
     launcher = int(os.environ.get(LAUNCHER_PID, 0))
-    if launcher and launcher != os.getpid():  # a node that `cocodc train` started (not its own exec)
+    if launcher and launcher != os.getpid():  # a node that `cocodc train` started (not itself)
         netem.end_with(launcher)
     # The agent logs every worker it stops and every failure as it happens: the summary line says it.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        main()
+        main(argv)
     except SignalException as err:
         sys.exit(128 + err.sigval)
     except ChildFailedError as err:

@@ -11,9 +11,9 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from cocodc import checkpoint, kernels
@@ -147,6 +147,10 @@ def _stop_on(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The worker: the exit code (REPORTED_EXIT after a one-line error). Its process groups are left
+    up after an error (a lost peer can leave them broken, and tearing those down can abort the
+    process, which the launcher would then report as this rank's failure): end the process with
+    `exit_now`."""
     args = build_parser().parse_args(argv)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop_on)
@@ -160,17 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         # One write: the ranks share the launcher's stderr, and print's two (text, newline) would let
         # another rank's line land between them.
         sys.stderr.write(f"cocodc: error: {err}\n")
-        sys.stderr.flush()
-        if dist.is_initialized():
-            # Its groups may be broken by a lost peer: tearing them down can abort the process (a
-            # gloo thread left joinable), and the launcher would then name this rank as the failure.
-            sys.stdout.flush()
-            os._exit(REPORTED_EXIT)
         return REPORTED_EXIT
-    finally:
-        shutdown()
+    shutdown()
     return 0
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process once its output is out, skipping the interpreter's teardown of torch's
+    modules (a second or more per rank, after everything is written) and of broken groups."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
