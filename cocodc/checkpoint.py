@@ -48,6 +48,15 @@ RESUME_KEYS = (
     "model.d_model",
     "model.n_heads",
     "model.ffn_hidden",
+    "model.n_kv_heads",
+    "model.ffn_multiple_of",
+    "model.tie_embeddings",
+    "model.max_seq_len",
+    "model.rope_theta",
+    "model.rope_scaling.factor",
+    "model.rope_scaling.low_freq_factor",
+    "model.rope_scaling.high_freq_factor",
+    "model.rope_scaling.original_max_len",
     "sync.method",
     "sync.fragments",
     "sync.fragment_pattern",
@@ -70,7 +79,6 @@ RESUME_KEYS = (
     "federated.executors",
     "federated.strategy",
     "federated.lora_rank",
-    "federated.init_from",
     "split.workers",
     "split.executors",
     "split.cut",
@@ -347,8 +355,9 @@ def check_compatible(root: Path, step: int, config: Config, regions: range) -> N
     directory = step_dir(root, step)
     saved = saved_config(root, step)
     current = flatten(config.to_dict())
+    defaults = flatten(Config().to_dict())  # a key the writer's cocodc did not have yet held its default
     for key in RESUME_KEYS:
-        if saved.get(key) != current.get(key):
+        if saved.get(key, defaults[key]) != current.get(key):
             raise CheckpointError(
                 f"checkpoint {directory} was written with {key}={saved.get(key)!r}; "
                 f"the config says {current.get(key)!r}"

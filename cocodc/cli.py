@@ -12,7 +12,8 @@ With `ft.enabled`, it starts torchft's lighthouse (unless `ft.lighthouse` names 
 torchrun job per region, each restarted up to `ft.max_restarts` times; the run ends when every job
 has, and survives the regions lost for good as long as `ft.min_regions` finish.
 
-`cocodc netem up|down|status` manages an emulated WAN by hand; `cocodc report RUN...` plots runs.
+`cocodc netem up|down|status` manages an emulated WAN by hand; `cocodc report RUN...` plots runs;
+`cocodc export RUN --hf OUT` writes a run's model for transformers; `cocodc generate` continues a prompt.
 """
 
 from __future__ import annotations
@@ -393,6 +394,34 @@ def report_command(args: list[str]) -> int:
         return 2
 
 
+def export_command(args: list[str]) -> int:
+    from cocodc import model_io
+
+    options = model_io.export_parser().parse_args(args)
+    try:
+        step = model_io.export_run(options.run, options.hf, options.step)
+    except (model_io.ModelIOError, checkpoint.CheckpointError) as err:
+        print(f"cocodc: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported step {step} of {options.run} to {options.hf} (transformers: AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def generate_command(args: list[str]) -> int:
+    from cocodc import model_io
+
+    options = model_io.generate_parser().parse_args(args)
+    try:
+        text = model_io.generate(
+            options.source, options.prompt, options.max_new_tokens, options.temperature, options.seed
+        )
+    except (model_io.ModelIOError, checkpoint.CheckpointError) as err:
+        print(f"cocodc: error: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cocodc", description="Train language models across regions.")
     parser.add_argument("--version", action="version", version=f"cocodc {__version__}")
@@ -400,9 +429,20 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("train", help="train a model (see `cocodc train --help`)", add_help=False)
     commands.add_parser("netem", help="an emulated WAN on this host (see `cocodc netem --help`)", add_help=False)
     commands.add_parser("report", help="plot eval loss of runs against steps and wall-clock", add_help=False)
+    commands.add_parser(
+        "export", help="write a run's model for transformers (see `cocodc export --help`)", add_help=False
+    )
+    commands.add_parser("generate", help="continue a prompt with a run's model", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     parser.parse_args(argv[:1])  # --help, --version, or a known command; argparse exits on anything else
-    return {"train": train_command, "netem": netem_command, "report": report_command}[argv[0]](argv[1:])
+    run_command = {
+        "train": train_command,
+        "netem": netem_command,
+        "report": report_command,
+        "export": export_command,
+        "generate": generate_command,
+    }
+    return run_command[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -40,13 +40,36 @@ class TopologyConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3's long-context rotary scaling: wavelengths longer than original_max_len /
+    low_freq_factor are slowed by `factor`, those shorter than original_max_len / high_freq_factor
+    kept, those between blended."""
+
+    factor: float = 0.0  # 0: no scaling; Llama 3.1 uses 8
+    low_freq_factor: float = 1.0  # wavelengths past original_max_len / this are slowed by factor
+    high_freq_factor: float = 4.0  # wavelengths below original_max_len / this are kept
+    original_max_len: int = 8192  # the context length the unscaled model was trained for
+
+
+@dataclass
 class ModelConfig:
+    """A Llama-style decoder; `cocodc export --hf` writes it as a transformers LlamaForCausalLM."""
+
     n_layers: int = 4  # transformer blocks
     d_model: int = 128  # width of the residual stream
     n_heads: int = 4  # attention heads (d_model / n_heads: an even head size)
-    ffn_hidden: int = 0  # 0: 8/3 * d_model rounded up to a multiple of 64 (SwiGLU sizing)
+    n_kv_heads: int = 0  # key/value heads: 0 for n_heads; fewer (a divisor of n_heads) is grouped-query attention
+    ffn_hidden: int = 0  # 0: 8/3 * d_model rounded up to a multiple of ffn_multiple_of (SwiGLU sizing)
+    ffn_multiple_of: int = 64  # the SwiGLU hidden size rounds up to a multiple of this (Llama: 256)
+    tie_embeddings: bool = False  # the output head shares the embedding's weight
+    max_seq_len: int = 0  # the longest sequence the rotary tables cover; 0: train.seq_len
     rope_theta: float = 10000.0  # the rotary positions' base
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # Llama 3's (a section)
     norm_eps: float = 1e-5  # RMSNorm's epsilon
+    # The parameters to start from, in any mode: a cocodc run directory (the global model of its
+    # latest checkpoint), a directory `cocodc export --hf` (or transformers) wrote with a Llama of this
+    # shape, or a checkpoint file (.pt) holding the model's state dict.
+    init_from: str = ""
 
 
 @dataclass
@@ -277,7 +300,6 @@ class FederatedConfig:
     deadline_s: float = 0.0  # modelled seconds; an update arriving later is dropped. 0: no deadline
     lora_rank: int = 0  # 0: the whole model trains and travels; r: LoRA adapters of rank r only
     lora_alpha: float | None = None  # unset: 2 x lora_rank
-    init_from: str = ""  # a checkpoint file (or a run directory) whose model to start from
 
 
 @dataclass
@@ -373,7 +395,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}'")
+            raise ConfigError(_unknown(f"{prefix}{key}"))
     values = {}
     for name in names:
         if name not in raw:
@@ -394,7 +416,7 @@ def _set(config: Config, dotted: str, value: Any) -> None:
     target: Any = config
     for depth, part in enumerate(parts):
         if not dataclasses.is_dataclass(target) or part not in _field_names(target):
-            raise ConfigError(f"unknown config key '{dotted}'")
+            raise ConfigError(_unknown(dotted))
         if depth < len(parts) - 1:
             target = getattr(target, part)
     leaf = parts[-1]
@@ -402,6 +424,15 @@ def _set(config: Config, dotted: str, value: Any) -> None:
     if dataclasses.is_dataclass(hint):
         raise ConfigError(f"config key '{dotted}' is a section; set one of its keys, e.g. {dotted}.<key>=...")
     setattr(target, leaf, _coerce(dotted, value, hint))
+
+
+MOVED_KEYS = {"federated.init_from": "model.init_from"}  # old name: new name
+
+
+def _unknown(key: str) -> str:
+    if key in MOVED_KEYS:
+        return f"config key '{key}' is now '{MOVED_KEYS[key]}'"
+    return f"unknown config key '{key}'"
 
 
 def _field_names(obj: Any) -> set[str]:
@@ -455,6 +486,7 @@ def validate(config: Config) -> None:
         "model.n_layers": m.n_layers,
         "model.d_model": m.d_model,
         "model.n_heads": m.n_heads,
+        "model.ffn_multiple_of": m.ffn_multiple_of,
         "train.steps": tr.steps,
         "train.batch_size": tr.batch_size,
         "train.seq_len": tr.seq_len,
@@ -488,6 +520,18 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config key '{key}' must not be negative; got {value}")
     if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
         raise ConfigError(f"model.d_model ({m.d_model}) must split into model.n_heads ({m.n_heads}) heads of even size")
+    if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
+        raise ConfigError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}), or be 0")
+    if m.init_from and not Path(m.init_from).exists():
+        raise ConfigError(f"model.init_from: no such run directory, model directory or file: {m.init_from}")
+    if m.max_seq_len and m.max_seq_len < tr.seq_len:
+        raise ConfigError(f"model.max_seq_len ({m.max_seq_len}) must cover train.seq_len ({tr.seq_len}), or be 0")
+    rs = m.rope_scaling
+    if rs.factor and not (rs.factor >= 1 and 0 < rs.low_freq_factor < rs.high_freq_factor and rs.original_max_len > 0):
+        raise ConfigError(
+            "model.rope_scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and a positive "
+            f"original_max_len; got {dataclasses.asdict(rs)}"
+        )
     if t.timeout_s <= 0:
         raise ConfigError(f"config key 'topology.timeout_s' must be positive; got {t.timeout_s}")
     if tr.lr <= 0 or s.outer_lr <= 0:
@@ -665,10 +709,8 @@ def _validate_federated(config: Config) -> None:
         raise ConfigError(f"config key 'federated.server_tau' must be positive; got {f.server_tau}")
     if f.lora_alpha is not None and not f.lora_rank:
         raise ConfigError("federated.lora_alpha needs a positive federated.lora_rank")
-    if f.lora_rank and not f.init_from:
-        raise ConfigError("federated.lora_rank fine-tunes a trained model: set federated.init_from to its checkpoint")
-    if f.init_from and not Path(f.init_from).exists():
-        raise ConfigError(f"federated.init_from: no such checkpoint file or run directory: {f.init_from}")
+    if f.lora_rank and not config.model.init_from:
+        raise ConfigError("federated.lora_rank fine-tunes a trained model: set model.init_from to it")
     if config.wan.enabled:
         raise ConfigError("the wan section links regions; the federated mode's links are the devices section's")
     if config.data.source.startswith("hf:"):
@@ -693,6 +735,11 @@ def _validate_split(config: Config) -> None:
             raise ConfigError(f"config key 'split.{key}' must be at least 1; got {getattr(sp, key)}")
     if sp.executors > sp.workers:
         raise ConfigError(f"split.executors ({sp.executors}) cannot exceed split.workers ({sp.workers})")
+    if config.federated.lora_rank:
+        raise ConfigError(
+            "federated.lora_rank is for mode federated: mode split trains every parameter of its parts "
+            "(start it from a trained model with model.init_from)"
+        )
     if not 1 <= sp.cut < layers:
         raise ConfigError(
             f"config key 'split.cut' must cut the model between two blocks, 1 .. {layers - 1} "

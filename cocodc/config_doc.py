@@ -80,29 +80,34 @@ def default_of(field: dataclasses.Field) -> str:
 
 def render() -> str:
     """The whole reference page."""
-    out = [HEADER]
     top_hints = typing.get_type_hints(Config)
-    sections = [f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(top_hints[f.name])]
-    plain = [f for f in dataclasses.fields(Config) if f not in sections]
+    plain = [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(top_hints[f.name])]
+    out = [HEADER, "## Top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     meanings = field_comments(Config)
-    out += ["## Top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    for f in plain:
-        out.append(
-            f"| `{f.name}` | {type_name(top_hints[f.name])} | {default_of(f)} | {_meaning(Config, f.name, meanings)} |"
-        )
-    for section in sections:
-        cls = top_hints[section.name]
-        hints, meanings = typing.get_type_hints(cls), field_comments(cls)
-        out += ["", f"## {section.name}", ""]
-        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):  # a docstring of its own
-            out += [" ".join(cls.__doc__.split()), ""]
-        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            key = f"{section.name}.{f.name}"
-            out.append(
-                f"| `{key}` | {type_name(hints[f.name])} | {default_of(f)} | {_meaning(cls, f.name, meanings)} |"
-            )
+    out += [_row(f.name, top_hints[f.name], f, _meaning(Config, f.name, meanings)) for f in plain]
+    for f in dataclasses.fields(Config):
+        if f not in plain:
+            out += _section(f.name, top_hints[f.name])
     return "\n".join(out) + "\n"
+
+
+def _section(name: str, cls: type) -> list[str]:
+    """A section's table, then its own sections' (model.rope_scaling after model)."""
+    hints, meanings = typing.get_type_hints(cls), field_comments(cls)
+    out = ["", f"## {name}", ""]
+    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):  # a docstring of its own
+        out += [" ".join(cls.__doc__.split()), ""]
+    out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+    nested = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            nested.append(f)
+            out.append(f"| `{name}.{f.name}` | section | | {_meaning(cls, f.name, meanings)}: see below |")
+        else:
+            out.append(_row(f"{name}.{f.name}", hints[f.name], f, _meaning(cls, f.name, meanings)))
+    for f in nested:
+        out += _section(f"{name}.{f.name}", hints[f.name])
+    return out
 
 
 def _row(key: str, hint: Any, field: dataclasses.Field, meaning: str) -> str:

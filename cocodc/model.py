@@ -19,41 +19,70 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from cocodc.config import ModelConfig
+from cocodc.config import ModelConfig, RopeScalingConfig
 
 
 def ffn_hidden_size(config: ModelConfig) -> int:
     if config.ffn_hidden:
         return config.ffn_hidden
-    return 64 * math.ceil(8 * config.d_model / 3 / 64)
+    return config.ffn_multiple_of * math.ceil(8 * config.d_model / 3 / config.ffn_multiple_of)
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kv_heads(config: ModelConfig) -> int:
+    return config.n_kv_heads or config.n_heads
+
+
+def rotary_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig) -> torch.Tensor:
+    """The angle per position of each of the head's head_dim / 2 rotated pairs (float64); with
+    Llama 3 scaling, long wavelengths slowed by `scaling.factor` and the middle band blended."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if not scaling.factor:
+        return inv_freq
+    wavelength = 2 * math.pi / inv_freq
+    long_past = scaling.original_max_len / scaling.low_freq_factor
+    short_below = scaling.original_max_len / scaling.high_freq_factor
+    blend = (scaling.original_max_len / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
+    scaled = torch.where(wavelength > long_past, inv_freq / scaling.factor, inv_freq)
+    return torch.where((wavelength >= short_below) & (wavelength <= long_past), blended, scaled)
+
+
+def rotary_tables(
+    head_dim: int, max_len: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rotary_frequencies(head_dim, theta, scaling or RopeScalingConfig())
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of the last dim; x is (batch, heads, seq, head_dim)."""
+    """Rotate pairs (x[2i], x[2i+1]) of the last dim; x is (batch, heads, seq, head_dim). (HF's
+    Llama pairs x[i] with x[i + head_dim / 2]: the export permutes q's and k's rows to match.)"""
     even, odd = x[..., 0::2], x[..., 1::2]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
+    """Causal self-attention; with fewer key/value heads than query heads, grouped-query attention.
+    One `qkv` projection: its rows are q's heads, then k's, then v's."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.n_heads, self.n_kv_heads = config.n_heads, kv_heads(config)
+        self.head_dim = config.d_model // config.n_heads
+        self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, dim // self.n_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        heads = self.qkv(x).view(batch, seq, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = heads.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        grouped = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
         return self.out(y.transpose(1, 2).reshape(batch, seq, dim))
 
 
@@ -95,12 +124,17 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, vocab_size, bias=False)
+        self._tie()
         self.register_buffer("rope_cos", torch.empty(max_seq_len, self.head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(max_seq_len, self.head_dim // 2), persistent=False)
         self.activation_checkpointing = "none"  # "full" or "selective": see the module's docstring
         self.loss_chunk_tokens = 0  # the loss in chunks of this many tokens; 0: in one piece
         if self.embed.weight.device.type != "meta":
             self.reset_parameters(seed)
+
+    def _tie(self) -> None:
+        if self.config.tie_embeddings:
+            self.head.weight = self.embed.weight
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +143,7 @@ class Transformer(nn.Module):
     def materialize(self, device: torch.device, seed: int | None) -> Transformer:
         """A model built on the meta device, allocated on `device` and initialised from `seed`."""
         self.to_empty(device=device)
+        self._tie()  # to_empty makes each module's parameters anew, the tied one twice
         self.reset_parameters(seed)
         return self
 
@@ -126,7 +161,7 @@ class Transformer(nn.Module):
                 continue
             std = residual_std if name.endswith(("attn.out.weight", "ffn.down.weight")) else 0.02
             param.copy_(torch.empty(param.shape).normal_(std=std, generator=generator))
-        cos, sin = rotary_tables(self.head_dim, self.max_seq_len, self.config.rope_theta)
+        cos, sin = rotary_tables(self.head_dim, self.max_seq_len, self.config.rope_theta, self.config.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

@@ -21,7 +21,8 @@ from cocodc.comm import CommEngine, CommError
 from cocodc.config import Config, ConfigError, load_config
 from cocodc.data import RankData, hub_reachable, load_client_data, load_rank_data
 from cocodc.model import Transformer
-from cocodc.modes.federated import FederatedMode, load_initial_model
+from cocodc.model_io import load_pretrained
+from cocodc.modes.federated import FederatedMode
 from cocodc.modes.regions import RegionsMode
 from cocodc.modes.split import SplitMode
 from cocodc.topology import REPORTED_EXIT, init_topology, shutdown
@@ -118,16 +119,16 @@ def reachable_data(config: Config, leader: bool, setup: CommEngine) -> Config:
 
 def build_model(config: Config, vocab_size: int, device: torch.device) -> nn.Module:
     """The seeded model (the same on every rank), built on the meta device and made on `device`;
-    federated: from federated.init_from, with LoRA. Its blocks compiled with train.compile."""
+    from model.init_from; federated: with LoRA. Its blocks compiled with train.compile."""
     torch.manual_seed(config.seed)  # what draws from torch's generator (LoRA's A) draws alike on every rank
     with torch.device("meta"):
-        model = Transformer(config.model, vocab_size, config.train.seq_len)
+        model = Transformer(config.model, vocab_size, config.model.max_seq_len or config.train.seq_len)
     model.materialize(device, config.seed)
     model.activation_checkpointing = config.train.activation_checkpointing
     model.loss_chunk_tokens = config.train.loss_chunk_tokens
     f = config.federated
-    if config.mode == "federated" and f.init_from:
-        load_initial_model(model, f.init_from)
+    if config.model.init_from:
+        load_pretrained(model, config.model.init_from)
     if config.mode == "federated" and f.lora_rank:
         from cocodc.federated.lora import add_lora  # peft imports transformers: seconds, only when asked
 

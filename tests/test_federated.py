@@ -127,8 +127,9 @@ def test_a_client_shard_smaller_than_a_batch_is_a_clear_error():
         ("federated.server_lr=0.1", "federated.server_lr sets a server optimizer; federated.strategy fedavg has none"),
         ("federated.deadline_s=-1", "'federated.deadline_s' must not be negative"),
         ("devices.speed_spread=0.5", "'devices.speed_spread' is a ratio"),
-        ("federated.lora_rank=4", "set federated.init_from"),
-        ("federated.init_from=/no/such/ckpt.pt", "no such checkpoint file or run directory: /no/such/ckpt.pt"),
+        ("federated.lora_rank=4", "set model.init_from to it"),
+        ("model.init_from=/no/such/ckpt.pt", "model.init_from: no such run directory, model directory or file: /no/"),
+        ("federated.init_from=/a/run", "config key 'federated.init_from' is now 'model.init_from'"),
         ("federated.quantize=int4", "'federated.quantize' must be one of"),
     ],
 )

@@ -128,7 +128,7 @@ def test_lora_fine_tuning_sends_only_the_adapters(tmp_path):
     torch.save({"model": base.state_dict()}, tmp_path / "pretrained.pt")
     adapters = sum(p.numel() for p in add_lora(Transformer(config.model, 256, 64), 2).parameters() if p.requires_grad)
 
-    result = train(tmp_path, "lora", "federated.lora_rank=2", f"federated.init_from={tmp_path / 'pretrained.pt'}")
+    result = train(tmp_path, "lora", "federated.lora_rank=2", f"model.init_from={tmp_path / 'pretrained.pt'}")
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "lora" / "summary.json").read_text())
     assert summary["trained_parameters"] == adapters

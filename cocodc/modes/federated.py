@@ -17,14 +17,12 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from cocodc import checkpoint
 from cocodc.comm import CommEngine, Handle
 from cocodc.config import Config, ConfigError
 from cocodc.data import ClientShards
@@ -38,21 +36,6 @@ from cocodc.trainer import Stateful, Trainer, lr_at
 
 SERVER = 0
 OK, FAILED = 0.0, 1.0
-
-
-def load_initial_model(model: nn.Module, source: str) -> None:
-    """Load `source` (a checkpoint file, or a run directory: its latest checkpoint) into `model`."""
-    path = Path(source)
-    try:
-        if path.is_dir():
-            root = path / "checkpoints"
-            state = checkpoint.read_region(root, checkpoint.latest_step(root), 0)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state))
-    except (checkpoint.CheckpointError, RuntimeError, KeyError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"federated.init_from {source}: cannot load its model into this config's ({first})") from None
 
 
 class GlobalModel:

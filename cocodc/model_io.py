@@ -1,0 +1,291 @@
+"""Models out and in: a run's model as a Hugging Face checkpoint, pretrained models to start from, and
+text from a model.
+
+`cocodc export RUN --hf OUT` writes a directory that `transformers` loads with
+`AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)`: a
+LlamaForCausalLM (safetensors weights, config.json, generation_config.json) and the run's
+tokenizer as a tokenizer.json (the byte tokenizer too, written as a byte-level BPE without merges,
+so every id is the byte's). What is exported is the model the regions agree on: the outer sync's
+global copy, or with sync.method ddp the (equal) replicas.
+
+`model.init_from` reads the same three ways back in: a run directory (its global model), an
+exported or transformers Llama directory, or a state-dict file.
+
+`cocodc generate RUN|HF_DIR --prompt TEXT` continues a prompt with the exported model, through
+transformers' own `generate`: what it prints is what any tool loading the export would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from cocodc import checkpoint
+from cocodc.config import Config, ConfigError, ModelConfig, config_from_dict
+from cocodc.data import EOS_TEXT
+from cocodc.model import ffn_hidden_size, kv_heads
+
+
+class ModelIOError(ValueError):
+    """A run or directory that cannot be exported or loaded; the message names it."""
+
+
+def llama_config(model: ModelConfig, vocab_size: int, max_seq_len: int, eos_id: int) -> Any:
+    """The transformers LlamaConfig of our model."""
+    from transformers import LlamaConfig
+
+    rs = model.rope_scaling
+    scaling = None
+    if rs.factor:
+        scaling = {
+            "rope_type": "llama3",
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_len,
+        }
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=model.d_model,
+        intermediate_size=ffn_hidden_size(model),
+        num_hidden_layers=model.n_layers,
+        num_attention_heads=model.n_heads,
+        num_key_value_heads=kv_heads(model),
+        # A scaled model reaches factor x the length it was first trained for (Llama 3.1: 8 x 8192).
+        max_position_embeddings=max(max_seq_len, int(rs.factor * rs.original_max_len)),
+        rms_norm_eps=model.norm_eps,
+        rope_theta=model.rope_theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=model.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def _half_split(rows: torch.Tensor, heads: int, undo: bool = False) -> torch.Tensor:
+    """A projection's rows per head reordered from our rotary pairs (2i, 2i + 1) to HF Llama's
+    (i, i + head_dim / 2), or back with `undo`: attention scores are unchanged when q and k are
+    reordered alike."""
+    head_dim = rows.shape[0] // heads
+    order = torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+    return rows.view(heads, head_dim, -1)[:, order.argsort() if undo else order].reshape(rows.shape)
+
+
+def llama_state(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameters (by name) as LlamaForCausalLM's state dict."""
+    heads, kv = model.n_heads, kv_heads(model)
+    head_dim = model.d_model // heads
+    out = {
+        "model.embed_tokens.weight": state["embed.weight"],
+        "model.norm.weight": state["norm.weight"],
+        "lm_head.weight": state["embed.weight" if model.tie_embeddings else "head.weight"],
+    }
+    for i in range(model.n_layers):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = state[ours + "attn.qkv.weight"].split([heads * head_dim, kv * head_dim, kv * head_dim])
+        out |= {
+            theirs + "self_attn.q_proj.weight": _half_split(q, heads),
+            theirs + "self_attn.k_proj.weight": _half_split(k, kv),
+            theirs + "self_attn.v_proj.weight": v,
+            theirs + "self_attn.o_proj.weight": state[ours + "attn.out.weight"],
+            theirs + "mlp.gate_proj.weight": state[ours + "ffn.gate.weight"],
+            theirs + "mlp.up_proj.weight": state[ours + "ffn.up.weight"],
+            theirs + "mlp.down_proj.weight": state[ours + "ffn.down.weight"],
+            theirs + "input_layernorm.weight": state[ours + "attn_norm.weight"],
+            theirs + "post_attention_layernorm.weight": state[ours + "ffn_norm.weight"],
+        }
+    return {name: tensor.detach().float().contiguous() for name, tensor in out.items()}
+
+
+def from_llama_state(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's state dict as our parameters (by name): `llama_state` undone."""
+    heads, kv = model.n_heads, kv_heads(model)
+    theirs = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not model.tie_embeddings:
+        theirs["head.weight"] = "lm_head.weight"
+    for i in range(model.n_layers):
+        for ours, name in _LAYER_NAMES.items():
+            theirs[f"blocks.{i}.{ours}"] = f"model.layers.{i}.{name}"
+    missing = [name for name in theirs.values() if name not in state]
+    if missing:
+        raise ModelIOError(f"it is not a Llama of this config's shape: it lacks {missing[0]}")
+    out = {ours: state[name] for ours, name in theirs.items()}
+    for i in range(model.n_layers):
+        layer = f"model.layers.{i}.self_attn."
+        q, k = (
+            _half_split(state[layer + p], h, undo=True) for p, h in (("q_proj.weight", heads), ("k_proj.weight", kv))
+        )
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat((q, k, state[layer + "v_proj.weight"]))
+    return out
+
+
+_LAYER_NAMES = {  # ours: LlamaDecoderLayer's, for the weights that map one to one
+    "attn.out.weight": "self_attn.o_proj.weight",
+    "ffn.gate.weight": "mlp.gate_proj.weight",
+    "ffn.up.weight": "mlp.up_proj.weight",
+    "ffn.down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def load_pretrained(model: nn.Module, source: str) -> None:
+    """model.init_from: `source` (a run directory, an exported or transformers Llama directory, or a
+    .pt file of the model's state dict) loaded into `model`; a ConfigError names what does not fit."""
+    path = Path(source)
+    try:
+        if (path / "config.yaml").is_file():
+            params = global_model(run_config(path), None)[1]
+        elif (path / "config.json").is_file():
+            params = from_llama_state(_safetensors(path), model.config)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            params = state.get("model", state)
+        result = model.load_state_dict(params, strict=False)
+        tied = ["head.weight"] if model.config.tie_embeddings else []
+        if result.unexpected_keys or result.missing_keys != tied:
+            extra = result.unexpected_keys or [k for k in result.missing_keys if k not in tied]
+            raise ModelIOError(f"its parameters do not match this model's ({extra[0]})")
+    except (ModelIOError, checkpoint.CheckpointError, RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.init_from {source}: cannot load it into this config's model ({first})") from None
+
+
+def _safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    state: dict[str, torch.Tensor] = {}
+    for name in files or ["model.safetensors"]:
+        if not (directory / name).is_file():
+            raise ModelIOError(f"{directory / name} is missing")
+        state |= load_file(directory / name)
+    return state
+
+
+def byte_unicode() -> list[str]:
+    """The printable character that byte-level BPE (GPT-2's convention) writes for each byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(moved)) for b in range(256)]
+
+
+def hf_tokenizer(config: Config, run: Path) -> Any:
+    """The run's tokenizer as a transformers fast tokenizer, giving the ids the run trained on."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if config.data.tokenizer == "bytes":
+        vocab = {char: byte for byte, char in enumerate(byte_unicode())}
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        # Its end of document is byte 0, never part of text: no special token (the model's config
+        # and generation config name id 0).
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    path = run / "tokenizer.json"
+    if not path.is_file():
+        raise ModelIOError(f"{path} is missing: the run's BPE tokenizer is written there at its start")
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)), eos_token=EOS_TEXT)
+
+
+def run_config(run: Path) -> Config:
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ModelIOError(f"{run} is not a cocodc run directory (no config.yaml)")
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text()))
+    except ConfigError as err:
+        raise ModelIOError(f"{path}: {err}") from None
+
+
+def global_model(config: Config, step: int | None) -> tuple[int, dict[str, torch.Tensor]]:
+    """(step, the parameters the regions agree on at it): the latest complete checkpoint's unless
+    `step` names one."""
+    from cocodc.trainer import checkpoint_root
+
+    if config.mode != "regions":
+        raise ModelIOError(f"export takes a run of mode regions; this one is mode {config.mode}")
+    root = checkpoint_root(config, 0)
+    if step is None:
+        step = checkpoint.latest_step(root)
+    elif not (checkpoint.step_dir(root, step) / "meta.json").is_file():
+        raise ModelIOError(f"the run has no complete checkpoint at step {step} in {root}")
+    state = checkpoint.read_region(root, step, 0)
+    return step, state["outer"]["global_params"] if "outer" in state else state["model"]
+
+
+def export_run(run: Path, out: Path, step: int | None = None) -> int:
+    """Write the run's model at `step` (default: its latest checkpoint) to `out`; returns the step."""
+    config = run_config(run)
+    tokenizer = hf_tokenizer(config, run)
+    step, params = global_model(config, step)
+    save_hf(params, config, tokenizer, out)
+    return step
+
+
+def save_hf(params: dict[str, torch.Tensor], config: Config, tokenizer: Any, out: Path) -> None:
+    """Our model's parameters (by name) and a tokenizer from `hf_tokenizer`, as a transformers
+    directory."""
+    from transformers import LlamaForCausalLM
+
+    eos_id = 0 if config.data.tokenizer == "bytes" else tokenizer.eos_token_id
+    max_seq_len = config.model.max_seq_len or config.train.seq_len
+    hf_config = llama_config(config.model, params["embed.weight"].shape[0], max_seq_len, eos_id)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_config)
+    model.load_state_dict(llama_state(params, config.model), strict=True, assign=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def generate(source: Path, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+    """`prompt` and its continuation by the model in `source` (a run, exported on the way, or an
+    export): greedy with temperature 0, else sampled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as exported:
+        if (source / "config.yaml").is_file():
+            export_run(source, Path(exported))
+            source = Path(exported)
+        if not (source / "config.json").is_file():
+            raise ModelIOError(f"{source} is neither a cocodc run directory nor an exported model (no config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source).eval()
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
+    if ids.shape[1] == 0:
+        raise ModelIOError("--prompt is empty")
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, **sampling)
+    return tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cocodc export", description="Write a run's model for transformers.")
+    parser.add_argument("run", type=Path, help="the run directory")
+    parser.add_argument("--hf", type=Path, required=True, metavar="OUT", help="the directory to write")
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint to export (default: the latest)")
+    return parser
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cocodc generate", description="Continue a prompt with a run's model.")
+    parser.add_argument("source", type=Path, help="a run directory, or a directory `cocodc export` wrote")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampling's seed")
+    return parser

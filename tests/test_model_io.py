@@ -1,0 +1,123 @@
+"""Models out: our model exported as a transformers LlamaForCausalLM gives our logits, and the
+run's tokenizer exported gives our ids. transformers runs for real, offline, on tiny configs."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from cocodc import checkpoint
+from cocodc.config import RopeScalingConfig, load_config
+from cocodc.data import BPETokenizer, ByteTokenizer, load_domains
+from cocodc.model import Transformer
+from cocodc.model_io import byte_unicode, hf_tokenizer, save_hf
+from cocodc.sync.fragments import split_model
+
+from conftest import FAST, TINY, cocodc, one_line_error, overrides
+
+
+def exported(tmp_path, **model):
+    config = load_config(TINY, ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "train.seq_len=32"])
+    config.model = dataclasses.replace(config.model, **model)
+    ours = Transformer(config.model, 256, 32, seed=3)
+    save_hf(dict(ours.named_parameters()), config, hf_tokenizer(config, tmp_path), tmp_path / "hf")
+    return ours
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {},
+        {"n_kv_heads": 2, "tie_embeddings": True},  # grouped-query attention, one embedding matrix
+        {"n_kv_heads": 1, "rope_scaling": RopeScalingConfig(factor=8.0, original_max_len=16)},  # Llama 3 rope
+    ],
+    ids=["mha-untied", "gqa-tied", "mqa-llama3-rope"],
+)
+def test_transformers_loads_the_export_and_gives_our_logits(tmp_path, model):
+    from transformers import AutoModelForCausalLM
+
+    ours = exported(tmp_path, **model)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    tokens = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = ours(tokens), theirs(tokens).logits
+    assert (got - expected).abs().max() < 1e-5
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+def test_the_exported_tokenizers_give_our_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = [text for _, text in load_domains(load_config(TINY).data)]
+    paragraph = texts[0][:3000] + " ünïcödé — ✓"
+    ours = BPETokenizer.train(texts[:3], 400)
+    ours.save(tmp_path / "tokenizer.json")
+    bpe = load_config(TINY, ["data.tokenizer=bpe", "data.vocab_size=400"])
+    for config, tokenizer in ((load_config(TINY), ByteTokenizer()), (bpe, ours)):
+        hf_tokenizer(config, tmp_path).save_pretrained(tmp_path / config.data.tokenizer)
+        theirs = AutoTokenizer.from_pretrained(tmp_path / config.data.tokenizer)
+        ids = theirs(paragraph, add_special_tokens=False).input_ids
+        assert ids == tokenizer.encode([paragraph])[0].tolist()
+        assert theirs.decode(ids) == paragraph
+
+
+def test_the_byte_alphabet_is_one_printable_character_per_byte():
+    alphabet = byte_unicode()
+    assert len(set(alphabet)) == 256 and all(c.isprintable() and not c.isspace() for c in alphabet)
+    assert alphabet[ord("A")] == "A" and alphabet[0] == "Ā" and alphabet[ord(" ")] == "Ġ"
+
+
+@pytest.mark.slow
+def test_a_trained_run_exports_generates_and_is_started_from(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # Grouped-query attention and tied embeddings, trained by DiLoCo over 2 regions.
+    settings = ["model.n_kv_heads=1", "model.tie_embeddings=true", "sync.sync_every=4", "train.steps=8",
+                "eval.every=0", "checkpoint.every=0"]  # fmt: skip
+    run, hf = tmp_path / "tiny", tmp_path / "hf"
+    result = cocodc("train", "-c", TINY, *overrides(*FAST, *settings, f"run.dir={tmp_path}"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((run / "summary.json").read_text())
+    assert trained["final_eval_loss"] < trained["initial_eval_loss"]
+    result = cocodc("export", str(run), "--hf", str(hf), cwd=tmp_path)
+    assert result.returncode == 0 and "exported step 8" in result.stdout, result.stderr[-3000:]
+    # What is exported is the global copy the regions agree on.
+    state = checkpoint.read_region(run / "checkpoints", 8, 0)["outer"]["global_params"]
+    config = load_config(TINY, [*FAST, *settings])
+    ours = Transformer(config.model, 256, config.train.seq_len)
+    assert ours.load_state_dict(state, strict=False).missing_keys == ["head.weight"]  # tied: the embedding
+    theirs = AutoModelForCausalLM.from_pretrained(hf).eval()
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (theirs(tokens).logits - ours(tokens)).abs().max() < 1e-5
+    result = cocodc("generate", str(run), "--prompt", "And God said", "--max-new-tokens", "12", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("And God said") and len(result.stdout.rstrip("\n")) > len("And God said")
+    # A new run from the export starts where the first ended: the same model, the same eval batches.
+    again = [f"run.dir={tmp_path}", "run.name=again", f"model.init_from={hf}", "train.steps=1"]
+    result = cocodc("train", "-c", TINY, *overrides(*FAST, *settings, *again), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["initial_eval_loss"] == pytest.approx(trained["final_eval_loss"], abs=1e-6)
+
+
+def test_tied_embeddings_travel_in_one_fragment():
+    config = load_config(TINY, ["model.tie_embeddings=true"])
+    model = Transformer(config.model, 256, 32, seed=0)
+    fragments = split_model(model, 2)
+    assert fragments[0].names[0] == "embed.weight" and not any("head" in n for f in fragments for n in f.names)
+    assert sum(f.numel for f in fragments) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "{tmp}", "--hf", "{tmp}/out"], "is not a cocodc run directory (no config.yaml)"),
+        (["generate", "{tmp}", "--prompt", "x"], "is neither a cocodc run directory nor an exported model"),
+    ],
+)
+def test_export_and_generate_refuse_what_is_not_a_model_in_one_line(tmp_path, args, message):
+    result = cocodc(*[a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
+    assert message in one_line_error(result)
