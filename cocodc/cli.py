@@ -400,7 +400,7 @@ def export_command(args: list[str]) -> int:
     options = model_io.export_parser().parse_args(args)
     try:
         step = model_io.export_run(options.run, options.hf, options.step)
-    except (model_io.ModelIOError, checkpoint.CheckpointError) as err:
+    except (model_io.ModelIOError, checkpoint.CheckpointError, ConfigError) as err:
         print(f"cocodc: error: {err}", file=sys.stderr)
         return 2
     print(f"exported step {step} of {options.run} to {options.hf} (transformers: AutoModelForCausalLM.from_pretrained)")
@@ -415,7 +415,7 @@ def generate_command(args: list[str]) -> int:
         text = model_io.generate(
             options.source, options.prompt, options.max_new_tokens, options.temperature, options.seed
         )
-    except (model_io.ModelIOError, checkpoint.CheckpointError) as err:
+    except (model_io.ModelIOError, checkpoint.CheckpointError, ConfigError) as err:
         print(f"cocodc: error: {err}", file=sys.stderr)
         return 2
     print(text)

@@ -188,7 +188,9 @@ class DataConfig:
     source: str = "kjv"  # "kjv" (shipped), a path/glob of text files, or "hf:<dataset>"
     hf_config: str | None = None  # hf: the dataset's configuration (e.g. sample-10BT)
     text_field: str = "text"  # hf: the column that holds the text
-    tokenizer: Literal["bytes", "bpe"] = "bytes"  # bytes (256 tokens) or a BPE trained at start
+    # bytes (256 tokens), bpe (trained on the corpus at start), or hf:PATH (a tokenizer.json, or a
+    # directory with one, e.g. a model's from the hub, read offline; its end-of-text token ends documents)
+    tokenizer: str = "bytes"
     vocab_size: int = 4096  # bpe only
     bpe_train_docs: int = 20000  # hub streams: documents read to train the BPE
     # iid: a seeded shuffle dealt round-robin; non_iid: each domain split among regions by
@@ -426,6 +428,12 @@ def _set(config: Config, dotted: str, value: Any) -> None:
     setattr(target, leaf, _coerce(dotted, value, hint))
 
 
+def tokenizer_file(tokenizer: str) -> Path:
+    """The tokenizer.json that data.tokenizer hf:PATH names (PATH itself, or the file in it)."""
+    path = Path(tokenizer.removeprefix("hf:")).expanduser()
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 MOVED_KEYS = {"federated.init_from": "model.init_from"}  # old name: new name
 
 
@@ -581,6 +589,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'sync.alpha' must lie in [0, 1]; got {s.alpha}")
     if not 0 < d.eval_fraction < 0.5:
         raise ConfigError(f"config key 'data.eval_fraction' must lie in (0, 0.5); got {d.eval_fraction}")
+    if d.tokenizer not in ("bytes", "bpe") and not d.tokenizer.startswith("hf:"):
+        raise ConfigError(f"config key 'data.tokenizer' must be bytes, bpe or hf:PATH; got {d.tokenizer!r}")
+    if d.tokenizer.startswith("hf:") and not tokenizer_file(d.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer {d.tokenizer}: no tokenizer.json there")
     if d.dirichlet_alpha <= 0:
         raise ConfigError(f"config key 'data.dirichlet_alpha' must be positive; got {d.dirichlet_alpha}")
     if t.parallel == "fsdp" and (s.method == "ddp" or config.mode != "regions"):

@@ -16,6 +16,7 @@ held out for eval.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import queue
 import re
@@ -57,13 +58,19 @@ class ByteTokenizer:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) for t in texts]
 
 
-class BPETokenizer:
-    """Byte-level BPE from the `tokenizers` library, trained on the run's own corpus."""
+# What tokenizers in the field call the end of a text, in the order looked for.
+EOS_NAMES = (EOS_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
-    def __init__(self, tokenizer: Any):
+
+class BPETokenizer:
+    """A tokenizer of the `tokenizers` library: the byte-level BPE trained on the run's own corpus,
+    or one from a file (data.tokenizer hf:PATH), whose end-of-text token is `eos_text`."""
+
+    def __init__(self, tokenizer: Any, eos_text: str = EOS_TEXT):
         self._tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
-        self.eos_id = tokenizer.token_to_id(EOS_TEXT)
+        self.eos_text = eos_text
+        self.eos_id = tokenizer.token_to_id(eos_text)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -84,14 +91,31 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: Path) -> BPETokenizer:
+        """From a tokenizer.json; its end-of-text token is the one tokenizer_config.json beside it
+        names, else the first of EOS_NAMES it has."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_file(str(path)))
+        try:
+            tokenizer = HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises its own kinds for a file it cannot read
+            raise ConfigError(f"tokenizer {path} cannot be read ({str(err).splitlines()[0][:200]})") from None
+        settings = path.with_name("tokenizer_config.json")
+        named = json.loads(settings.read_text()).get("eos_token") if settings.is_file() else None
+        named = named.get("content") if isinstance(named, dict) else named  # an AddedToken's fields
+        eos = [named] if named else [name for name in EOS_NAMES if tokenizer.token_to_id(name) is not None]
+        if not eos or tokenizer.token_to_id(eos[0]) is None:
+            raise ConfigError(f"tokenizer {path} has no end-of-text token (looked for {named or ', '.join(EOS_NAMES)})")
+        return cls(tokenizer, eos[0])
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # the regions of an ft run may each write it
-        self._tokenizer.save(str(tmp))
-        tmp.replace(path)
+        """tokenizer.json, and beside it a tokenizer_config.json naming its end-of-text token."""
+        for name, write in (
+            (path.name, lambda tmp: self._tokenizer.save(str(tmp))),
+            ("tokenizer_config.json", lambda tmp: tmp.write_text(json.dumps({"eos_token": self.eos_text}))),
+        ):
+            tmp = path.with_name(f"{name}.{os.getpid()}.tmp")  # the regions of an ft run may each write it
+            write(tmp)
+            tmp.replace(path.with_name(name))
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int32) for e in self._tokenizer.encode_batch(texts)]

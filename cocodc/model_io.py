@@ -29,7 +29,7 @@ from torch import nn
 
 from cocodc import checkpoint
 from cocodc.config import Config, ConfigError, ModelConfig, config_from_dict
-from cocodc.data import EOS_TEXT
+from cocodc.data import BPETokenizer
 from cocodc.model import ffn_hidden_size, kv_heads
 
 
@@ -195,8 +195,9 @@ def hf_tokenizer(config: Config, run: Path) -> Any:
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
     path = run / "tokenizer.json"
     if not path.is_file():
-        raise ModelIOError(f"{path} is missing: the run's BPE tokenizer is written there at its start")
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)), eos_token=EOS_TEXT)
+        raise ModelIOError(f"{path} is missing: the run's tokenizer is written there at its start")
+    ours = BPETokenizer.load(path)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)), eos_token=ours.eos_text)
 
 
 def run_config(run: Path) -> Config:

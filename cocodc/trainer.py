@@ -28,7 +28,7 @@ from torch import nn
 
 from cocodc import checkpoint, kernels
 from cocodc.comm import CommEngine, CommError
-from cocodc.config import Config, ConfigError
+from cocodc.config import Config, ConfigError, tokenizer_file
 from cocodc.data import BPETokenizer, ByteTokenizer, RankData, Tokenizer, tokenizer_training_texts
 from cocodc.memory import storage_bytes, tensors_in
 from cocodc.metrics import Metrics, truncate_after
@@ -135,7 +135,8 @@ summary.json              the run's summary: final eval loss, tokens/s, TFLOP/s,
 checkpoints/              step_<N>/ sharded checkpoints, the newest complete one named in LATEST
                           (with ft.enabled, one such directory per region); rescue/: what each
                           rank held when a lost peer ended the run
-tokenizer.json            the BPE tokenizer, with data.tokenizer bpe
+tokenizer.json            the tokenizer (trained with data.tokenizer bpe, or hf:PATH's), with
+tokenizer_config.json     its end-of-text token
 wandb/                    wandb's files, with wandb.mode offline or online
 """
 
@@ -171,9 +172,16 @@ def open_run(
 
 
 def build_tokenizer(config: Config, topology: Topology, setup: CommEngine) -> Tokenizer:
+    """The run's tokenizer: bytes, or the one in the run directory's tokenizer.json, which the
+    leader trains (bpe) or copies (hf:PATH) there at the run's start."""
     if config.data.tokenizer == "bytes":
         return ByteTokenizer()
     path = config.run_dir / "tokenizer.json"
+    if config.data.tokenizer.startswith("hf:"):  # read by every rank: a bad file stops them all alike
+        tokenizer = BPETokenizer.load(tokenizer_file(config.data.tokenizer))
+        if topology.is_leader:
+            tokenizer.save(path)
+        return tokenizer
     if topology.is_leader and not path.exists():
         BPETokenizer.train(tokenizer_training_texts(config.data), config.data.vocab_size).save(path)
     setup.barrier()

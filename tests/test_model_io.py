@@ -71,11 +71,24 @@ def test_the_byte_alphabet_is_one_printable_character_per_byte():
 
 @pytest.mark.slow
 def test_a_trained_run_exports_generates_and_is_started_from(tmp_path):
-    from transformers import AutoModelForCausalLM
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Grouped-query attention and tied embeddings, trained by DiLoCo over 2 regions.
-    settings = ["model.n_kv_heads=1", "model.tie_embeddings=true", "sync.sync_every=4", "train.steps=8",
-                "eval.every=0", "checkpoint.every=0"]  # fmt: skip
+    # A tokenizer from a file of its own (its end of text "</s>", found by name), grouped-query
+    # attention and tied embeddings, trained by DiLoCo over 2 regions.
+    vocab = tmp_path / "vocab"
+    texts = [text for _, text in load_domains(load_config(TINY).data)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = trainers.BpeTrainer(
+        vocab_size=301, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts[:2], trainer=special)
+    vocab.mkdir()
+    tokenizer.save(str(vocab / "tokenizer.json"))
+    settings = [f"data.tokenizer=hf:{vocab}", "model.n_kv_heads=1", "model.tie_embeddings=true", "sync.sync_every=4",
+                "train.steps=8", "eval.every=0", "checkpoint.every=0"]  # fmt: skip
     run, hf = tmp_path / "tiny", tmp_path / "hf"
     result = cocodc("train", "-c", TINY, *overrides(*FAST, *settings, f"run.dir={tmp_path}"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -86,12 +99,19 @@ def test_a_trained_run_exports_generates_and_is_started_from(tmp_path):
     # What is exported is the global copy the regions agree on.
     state = checkpoint.read_region(run / "checkpoints", 8, 0)["outer"]["global_params"]
     config = load_config(TINY, [*FAST, *settings])
-    ours = Transformer(config.model, 256, config.train.seq_len)
+    ours = Transformer(config.model, 301, config.train.seq_len)  # "</s>" (id 0) and 300 more
     assert ours.load_state_dict(state, strict=False).missing_keys == ["head.weight"]  # tied: the embedding
     theirs = AutoModelForCausalLM.from_pretrained(hf).eval()
-    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 301, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (theirs(tokens).logits - ours(tokens)).abs().max() < 1e-5
+    exported_tokenizer = AutoTokenizer.from_pretrained(hf)
+    assert exported_tokenizer.eos_token == "</s>" and theirs.generation_config.eos_token_id == 0
+    paragraph = texts[5][:2000]
+    assert (
+        exported_tokenizer(paragraph).input_ids
+        == BPETokenizer.load(vocab / "tokenizer.json").encode([paragraph])[0].tolist()
+    )
     result = cocodc("generate", str(run), "--prompt", "And God said", "--max-new-tokens", "12", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("And God said") and len(result.stdout.rstrip("\n")) > len("And God said")
