@@ -70,6 +70,9 @@ class ModelConfig:
     # latest checkpoint), a directory `cocodc export --hf` (or transformers) wrote with a Llama of this
     # shape, or a checkpoint file (.pt) holding the model's state dict.
     init_from: str = ""
+    # A transformers model instead of this section's: the config.json (or a directory with one) of
+    # a causal LM, built from it alone (no download); the keys above but init_from do not apply.
+    hf_config: str = ""
 
 
 @dataclass
@@ -117,6 +120,9 @@ class SyncConfig:
     outer_nesterov: bool = True  # Nesterov momentum for the outer step
     fragments: int = 1  # P: the model's blocks in P fragments, synced in turn
     fragment_pattern: Literal["strided", "sequential"] = "strided"  # strided: block i in fragment i mod P
+    # The model's blocks, as a dotted path ("model.layers"); "": its `blocks`, or else the ModuleList of
+    # repeated modules holding the most parameters (a transformers model's decoder layers)
+    blocks: str = ""
     delay: int = 0  # tau: inner steps between sending a fragment and applying its result
     # The merge's share of the live parameters: live <- alpha * live + (1 - alpha) * global for
     # streaming; the mix after cocodc's compensation. Unset: 0 for streaming (torchft's default),
@@ -532,6 +538,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}), or be 0")
     if m.init_from and not Path(m.init_from).exists():
         raise ConfigError(f"model.init_from: no such run directory, model directory or file: {m.init_from}")
+    if m.hf_config:
+        _validate_hf_config(config)
     if m.max_seq_len and m.max_seq_len < tr.seq_len:
         raise ConfigError(f"model.max_seq_len ({m.max_seq_len}) must cover train.seq_len ({tr.seq_len}), or be 0")
     rs = m.rope_scaling
@@ -611,7 +619,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"sync.sync_every ({s.sync_every}) must be a multiple of sync.fragments ({s.fragments})")
         if s.delay >= s.sync_every:
             raise ConfigError(f"sync.delay ({s.delay}) must be less than sync.sync_every ({s.sync_every})")
-        if s.fragments > m.n_layers:
+        if s.fragments > m.n_layers and not m.hf_config:
             raise ConfigError(
                 f"sync.fragments ({s.fragments}) cannot exceed model.n_layers ({m.n_layers}): "
                 "a fragment is a group of blocks"
@@ -738,6 +746,27 @@ def _validate_devices(devices: DevicesConfig) -> None:
             raise ConfigError(
                 f"config key 'devices.{key}' is a ratio of fastest to slowest, at least 1; got {getattr(devices, key)}"
             )
+
+
+def _validate_hf_config(config: Config) -> None:
+    from cocodc.hf_model import hf_config_file, hf_layer_count
+
+    m, s = config.model, config.sync
+    file = hf_config_file(m.hf_config)
+    if not file.is_file():
+        raise ConfigError(f"model.hf_config: no config.json at {m.hf_config}")
+    if config.mode == "split":
+        raise ConfigError("model.hf_config: mode split cuts cocodc's own model between blocks; use the model section")
+    if config.train.activation_checkpointing == "selective":
+        raise ConfigError(
+            "train.activation_checkpointing selective is for cocodc's own model; use full with model.hf_config"
+        )
+    try:
+        layers = hf_layer_count(m.hf_config)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.hf_config {file} is not a readable JSON file ({type(err).__name__})") from None
+    if layers is not None and s.method != "ddp" and s.fragments > layers:
+        raise ConfigError(f"sync.fragments ({s.fragments}) cannot exceed the {layers} layers of model.hf_config {file}")
 
 
 def _validate_split(config: Config) -> None:

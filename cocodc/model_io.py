@@ -30,6 +30,7 @@ from torch import nn
 from cocodc import checkpoint
 from cocodc.config import Config, ConfigError, ModelConfig, config_from_dict
 from cocodc.data import BPETokenizer
+from cocodc.hf_model import HFCausalLM, hf_config_file
 from cocodc.model import ffn_hidden_size, kv_heads
 
 
@@ -145,19 +146,31 @@ def load_pretrained(model: nn.Module, source: str) -> None:
     try:
         if (path / "config.yaml").is_file():
             params = global_model(run_config(path), None)[1]
+        elif (path / "config.json").is_file() and isinstance(model, HFCausalLM):
+            params = {f"hf.{name}": tensor for name, tensor in _safetensors(path).items()}
         elif (path / "config.json").is_file():
             params = from_llama_state(_safetensors(path), model.config)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             params = state.get("model", state)
-        result = model.load_state_dict(params, strict=False)
-        tied = ["head.weight"] if model.config.tie_embeddings else []
-        if result.unexpected_keys or result.missing_keys != tied:
-            extra = result.unexpected_keys or [k for k in result.missing_keys if k not in tied]
-            raise ModelIOError(f"its parameters do not match this model's ({extra[0]})")
+        _load(model, params, assign=False)
     except (ModelIOError, checkpoint.CheckpointError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"model.init_from {source}: cannot load it into this config's model ({first})") from None
+
+
+def _load(model: nn.Module, params: dict[str, torch.Tensor], assign: bool) -> None:
+    """`params` into `model`, which may lack only the second names of tied parameters."""
+    result = model.load_state_dict(params, strict=False, assign=assign)
+    extra = result.unexpected_keys or sorted(set(result.missing_keys) - set(tied_names(model)))
+    if extra:
+        raise ModelIOError(f"its parameters do not match this model's ({extra[0]})")
+
+
+def tied_names(model: nn.Module) -> list[str]:
+    """The state-dict names under which a parameter appears a second time (a tied output head)."""
+    first: dict[int, str] = {}
+    return [name for name, p in model.state_dict(keep_vars=True).items() if first.setdefault(id(p), name) != name]
 
 
 def _safetensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -238,14 +251,22 @@ def export_run(run: Path, out: Path, step: int | None = None) -> int:
 def save_hf(params: dict[str, torch.Tensor], config: Config, tokenizer: Any, out: Path) -> None:
     """Our model's parameters (by name) and a tokenizer from `hf_tokenizer`, as a transformers
     directory."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-    eos_id = 0 if config.data.tokenizer == "bytes" else tokenizer.eos_token_id
-    max_seq_len = config.model.max_seq_len or config.train.seq_len
-    hf_config = llama_config(config.model, params["embed.weight"].shape[0], max_seq_len, eos_id)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(hf_config)
-    model.load_state_dict(llama_state(params, config.model), strict=True, assign=True)
+    if config.model.hf_config:  # the run's transformers model: its own names, its own config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(hf_config_file(config.model.hf_config).parent)
+            )
+        state = {name.removeprefix("hf."): tensor for name, tensor in params.items()}
+    else:
+        eos_id = 0 if config.data.tokenizer == "bytes" else tokenizer.eos_token_id
+        max_seq_len = config.model.max_seq_len or config.train.seq_len
+        with torch.device("meta"):
+            model = LlamaForCausalLM(llama_config(config.model, params["embed.weight"].shape[0], max_seq_len, eos_id))
+        state = llama_state(params, config.model)
+    _load(model, state, assign=True)
+    model.tie_weights()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cocodc.comm import CommEngine
 from cocodc.config import Config
+from cocodc.sync.fragments import find_blocks
 from cocodc.topology import Topology
 
 
@@ -34,7 +35,7 @@ def shard_region(model: nn.Module, config: Config, topology: Topology) -> nn.Mod
     bf16 = device.type == "cuda" and config.train.precision != "fp32"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs: dict[str, Any] = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
-    for block in blocks_of(model):
+    for block in find_blocks(model, config.sync.blocks):
         fully_shard(block, **kwargs)
     # The root too gives its parameters back after a forward (FSDP2 keeps them gathered by default):
     # a forward without backward (eval) would otherwise leave the embedding and head gathered, and the
@@ -77,13 +78,6 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
             model.set_requires_gradient_sync(True)
     else:
         yield
-
-
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no `blocks` ModuleList to shard block by block")
-    return blocks
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

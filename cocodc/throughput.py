@@ -16,6 +16,8 @@ import sys
 import torch
 from torch import nn
 
+from cocodc.sync.fragments import find_blocks
+
 # Dense bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets (no sparsity).
 PEAK_BF16_TFLOPS = {
     "H100 PCIe": 756.0,
@@ -27,10 +29,13 @@ PEAK_BF16_TFLOPS = {
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> int:
-    """Training FLOPs per token of a model with `blocks` whose blocks have d_model `config.d_model`."""
-    config = model.config
-    multiplying = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed."))
-    return 6 * multiplying + 12 * config.n_layers * config.d_model * seq_len
+    """Training FLOPs per token: 6 x the parameters a token meets (all but an input embedding that
+    is only looked up; a tied one is the output head too) + attention's 12 x layers x width x seq_len."""
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    multiplied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    looked_up = sum(m.weight.numel() for m in embeddings if id(m.weight) not in multiplied)
+    params = sum(p.numel() for p in model.parameters())
+    return 6 * (params - looked_up) + 12 * len(find_blocks(model)) * embeddings[0].embedding_dim * seq_len
 
 
 def peak_tflops(device: torch.device, bf16: bool) -> float | None:

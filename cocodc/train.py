@@ -20,6 +20,7 @@ from cocodc import checkpoint, kernels
 from cocodc.comm import CommEngine, CommError
 from cocodc.config import Config, ConfigError, load_config
 from cocodc.data import RankData, hub_reachable, load_client_data, load_rank_data
+from cocodc.hf_model import build_hf_model
 from cocodc.model import Transformer
 from cocodc.model_io import load_pretrained
 from cocodc.modes.federated import FederatedMode
@@ -118,14 +119,19 @@ def reachable_data(config: Config, leader: bool, setup: CommEngine) -> Config:
 
 
 def build_model(config: Config, vocab_size: int, device: torch.device) -> nn.Module:
-    """The seeded model (the same on every rank), built on the meta device and made on `device`;
-    from model.init_from; federated: with LoRA. Its blocks compiled with train.compile."""
+    """The seeded model (the same on every rank), built on the meta device and made on `device`, or
+    the transformers model of model.hf_config; from model.init_from; federated: with LoRA. Its
+    blocks compiled with train.compile."""
     torch.manual_seed(config.seed)  # what draws from torch's generator (LoRA's A) draws alike on every rank
-    with torch.device("meta"):
-        model = Transformer(config.model, vocab_size, config.model.max_seq_len or config.train.seq_len)
-    model.materialize(device, config.seed)
-    model.activation_checkpointing = config.train.activation_checkpointing
-    model.loss_chunk_tokens = config.train.loss_chunk_tokens
+    m = config.model
+    if m.hf_config:
+        model = build_hf_model(m.hf_config, vocab_size, config.sync.blocks, config.train.activation_checkpointing)
+    else:
+        with torch.device("meta"):
+            model = Transformer(m, vocab_size, m.max_seq_len or config.train.seq_len)
+        model.materialize(device, config.seed)
+        model.activation_checkpointing = config.train.activation_checkpointing
+        model.loss_chunk_tokens = config.train.loss_chunk_tokens
     f = config.federated
     if config.model.init_from:
         load_pretrained(model, config.model.init_from)

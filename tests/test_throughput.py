@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,6 +18,9 @@ def test_flops_per_token_of_the_demo_model_by_hand():
     multiplying = 4 * block + 128 + 256 * 128  # the blocks, the final norm, the head (not the embedding)
     assert multiplying == 885_888
     assert flops_per_token(model, 128) == 6 * 885_888 + 12 * 4 * 128 * 128 == 6_101_760
+    # Tied, the embedding is the head: one matrix fewer, the same multiplications.
+    tied = Transformer(dataclasses.replace(config.model, tie_embeddings=True), 256, 128)
+    assert sum(p.numel() for p in tied.parameters()) == 885_888 and flops_per_token(tied, 128) == 6_101_760
 
 
 @pytest.mark.parametrize(

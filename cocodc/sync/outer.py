@@ -83,7 +83,9 @@ class OuterSync:
             raise ValueError(f"OuterSync runs diloco, streaming or cocodc, not {config.method!r}")
         self._model = fragments if isinstance(fragments, nn.Module) else None
         if self._model is not None:
-            self.fragments: list[Fragment] = split_model(self._model, config.fragments, config.fragment_pattern)
+            self.fragments: list[Fragment] = split_model(
+                self._model, config.fragments, config.fragment_pattern, config.blocks
+            )
         else:
             self.fragments = split_modules(fragments)
         self.config = config
