@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from cocodc.config import Config
+from cocodc.run_dir import CheckpointError
 
 # Keys that must be the same for a checkpoint to be continued (others, like train.steps, may change;
 # so may topology.ranks_per_region and topology.parallel: the region's state reshards).
@@ -86,10 +87,6 @@ RESUME_KEYS = (
     "split.merge",
     "split.aggregate_every",
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or written by an incompatible config."""
 
 
 def step_dir(root: Path, step: int) -> Path:

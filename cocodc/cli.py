@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import yaml
 from torch.distributed import TCPStore
 
-from cocodc import __version__, checkpoint, netem
+from cocodc import __version__, netem, run_dir
 from cocodc.config import Config, ConfigError, load_config
 from cocodc.topology import REGION_ENV, REPORTED_EXIT
 
@@ -63,26 +63,28 @@ def _under_torchrun() -> bool:
 
 
 def train_command(args: list[str]) -> int:
-    from cocodc import train, trainer
+    if _under_torchrun():  # a worker
+        from cocodc import train
 
-    if _under_torchrun():
         if LAUNCHER_PID in os.environ:  # torchrun's workers outlive it when it is killed
             netem.end_with(int(os.environ[LAUNCHER_PID]))
         train.exit_now(train.main(args))
-    options = train.build_parser().parse_args(args)
+    options = run_dir.build_parser().parse_args(args)
     try:
         config = load_config(options.config, options.overrides)
-        trainer.check_run_dir(config, options.resume, options.overwrite)
+        run_dir.check_run_dir(config, options.resume, options.overwrite)
         world_size = config.world_size
         if options.resume:  # with ft, every region resumes its own
+            from cocodc import checkpoint
+
             for region in range(config.topology.regions if config.ft.enabled else 1):
-                root = trainer.checkpoint_root(config, region)
-                regions = trainer.checkpoint_regions(config, region)
+                root = run_dir.checkpoint_root(config, region)
+                regions = run_dir.checkpoint_regions(config, region)
                 checkpoint.check_compatible(root, checkpoint.latest_step(root), config, regions)
         over_netem = config.wan.enabled and config.wan.emulation == "netem"
         if over_netem:
             netem.check_host()
-    except (ConfigError, checkpoint.CheckpointError, netem.NetemError) as err:
+    except (ConfigError, run_dir.CheckpointError, netem.NetemError) as err:
         print(f"cocodc: error: {err}", file=sys.stderr)
         return 2
     if config.ft.enabled:
@@ -96,6 +98,8 @@ def train_command(args: list[str]) -> int:
             print(f"cocodc: error: interrupted by {err}; the regions' jobs are stopped", file=sys.stderr)
             return 128 + err.signum
     if world_size == 1:
+        from cocodc import train
+
         train.exit_now(train.main(args))
     # torchrun would set one thread per process and warn; share the cores out instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
@@ -400,7 +404,7 @@ def export_command(args: list[str]) -> int:
     options = model_io.export_parser().parse_args(args)
     try:
         step = model_io.export_run(options.run, options.hf, options.step)
-    except (model_io.ModelIOError, checkpoint.CheckpointError, ConfigError) as err:
+    except (model_io.ModelIOError, run_dir.CheckpointError, ConfigError) as err:
         print(f"cocodc: error: {err}", file=sys.stderr)
         return 2
     print(f"exported step {step} of {options.run} to {options.hf} (transformers: AutoModelForCausalLM.from_pretrained)")
@@ -415,7 +419,7 @@ def generate_command(args: list[str]) -> int:
         text = model_io.generate(
             options.source, options.prompt, options.max_new_tokens, options.temperature, options.seed
         )
-    except (model_io.ModelIOError, checkpoint.CheckpointError, ConfigError) as err:
+    except (model_io.ModelIOError, run_dir.CheckpointError, ConfigError) as err:
         print(f"cocodc: error: {err}", file=sys.stderr)
         return 2
     print(text)

@@ -32,6 +32,7 @@ from cocodc.config import Config, ConfigError, ModelConfig, config_from_dict
 from cocodc.data import BPETokenizer
 from cocodc.hf_model import HFCausalLM, hf_config_file
 from cocodc.model import ffn_hidden_size, kv_heads
+from cocodc.run_dir import checkpoint_root
 
 
 class ModelIOError(ValueError):
@@ -226,8 +227,6 @@ def run_config(run: Path) -> Config:
 def global_model(config: Config, step: int | None) -> tuple[int, dict[str, torch.Tensor]]:
     """(step, the parameters the regions agree on at it): the latest complete checkpoint's unless
     `step` names one."""
-    from cocodc.trainer import checkpoint_root
-
     if config.mode != "regions":
         raise ModelIOError(f"export takes a run of mode regions; this one is mode {config.mode}")
     root = checkpoint_root(config, 0)

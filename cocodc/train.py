@@ -5,7 +5,6 @@ It joins the process groups, builds the shared parts (trainer.py) and runs the c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import signal
@@ -26,36 +25,9 @@ from cocodc.model_io import load_pretrained
 from cocodc.modes.federated import FederatedMode
 from cocodc.modes.regions import RegionsMode
 from cocodc.modes.split import SplitMode
+from cocodc.run_dir import build_parser
 from cocodc.topology import REPORTED_EXIT, init_topology, shutdown
 from cocodc.trainer import Interrupted, Mode, Trainer, build_tokenizer, open_run, threads_per_rank
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cocodc train", description="Train across regions.")
-    parser.add_argument("-c", "--config", required=True, help="YAML config file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.steps=100 (repeatable)",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    parser.add_argument(
-        "--print-run-dir",
-        action="store_true",
-        help="print the run directory the config and overrides name, and exit (for job scripts)",
-    )
-    parser.add_argument(
-        "--stop-at",
-        type=int,
-        default=None,
-        metavar="STEP",
-        help="checkpoint and exit after STEP, as if preempted (continue with --resume)",
-    )
-    return parser
 
 
 def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_at: int | None = None) -> None:

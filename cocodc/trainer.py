@@ -34,6 +34,7 @@ from cocodc.memory import storage_bytes, tensors_in
 from cocodc.metrics import Metrics, truncate_after
 from cocodc.model import lm_loss
 from cocodc.parallel import like_params, local_tree, no_gradient_sync
+from cocodc.run_dir import RUN_README, check_run_dir, checkpoint_regions, checkpoint_root
 from cocodc.throughput import Throughput
 from cocodc.topology import Topology
 
@@ -93,52 +94,6 @@ class Mode(Protocol):
 
 
 # ------------------------------------------------------------------ the run directory
-
-
-def checkpoint_root(config: Config, region: int) -> Path:
-    """Where the run's checkpoints go; with ft, each region keeps its own (its job saves and
-    resumes on its own)."""
-    root = config.run_dir / "checkpoints"
-    return root / f"region{region}" if config.ft.enabled else root
-
-
-def checkpoint_regions(config: Config, region: int) -> range:
-    """The regions whose state a checkpoint under `checkpoint_root(config, region)` holds."""
-    return range(region, region + 1) if config.ft.enabled else range(config.shape[0])
-
-
-def check_run_dir(config: Config, resume: bool, overwrite: bool, region: int = 0) -> None:
-    """Refuse to mix a new run into an old one; raises ConfigError or CheckpointError."""
-    run_dir = config.run_dir
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other")
-    if resume:
-        checkpoint.latest_step(checkpoint_root(config, region))
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"run directory {run_dir} exists; pass --resume to continue it, "
-            "--overwrite to replace it, or --set run.name=<new name>"
-        )
-
-
-RUN_README = """A cocodc run directory (cocodc train ...; --resume continues it).
-
-config.yaml               the resolved config: every key, defaults included
-metrics.jsonl             records, one JSON object a line (train, eval, sync, decision; round or
-                          split in those modes), written by region 0's leader (the server)
-metrics-region<m>.jsonl   the same records of region m > 0 (one writer a file): read them all
-                          together with cocodc.metrics.read_records("metrics.jsonl"), or plot
-                          them with `cocodc report <this directory>`
-summary.json              the run's summary: final eval loss, tokens/s, TFLOP/s, MFU, peak memory,
-                          WAN bytes, the training state per rank (with ft.enabled, region m's own
-                          in summary-region<m>.json)
-checkpoints/              step_<N>/ sharded checkpoints, the newest complete one named in LATEST
-                          (with ft.enabled, one such directory per region); rescue/: what each
-                          rank held when a lost peer ended the run
-tokenizer.json            the tokenizer (trained with data.tokenizer bpe, or hf:PATH's), with
-tokenizer_config.json     its end-of-text token
-wandb/                    wandb's files, with wandb.mode offline or online
-"""
 
 
 def open_run(

@@ -10,7 +10,7 @@ import pytest
 from cocodc import config_doc
 from cocodc.cli import netem_parser
 from cocodc.config import load_config
-from cocodc.train import build_parser
+from cocodc.run_dir import build_parser
 
 from conftest import REPO
 

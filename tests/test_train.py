@@ -11,7 +11,7 @@ from cocodc import checkpoint
 from cocodc.config import ConfigError, load_config
 from cocodc.metrics import read_records
 from cocodc.model import Transformer
-from cocodc.trainer import check_run_dir
+from cocodc.run_dir import check_run_dir
 
 from conftest import FAST, TINY, cocodc, one_line_error, overrides
 from wandb_log import summarize
