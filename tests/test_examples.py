@@ -11,6 +11,8 @@ import torch
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # the examples, under torchrun
+
 EXAMPLES = {"plain": REPO / "examples" / "plain_torch.py", "accelerate": REPO / "examples" / "accelerate_loop.py"}
 
 

@@ -17,6 +17,8 @@ from cocodc.metrics import read_records
 
 from conftest import FAST, REPO, TINY, overrides
 
+pytestmark = pytest.mark.slow  # every test here launches a run under torchrun
+
 FEDERATED, SPLIT = str(REPO / "configs" / "federated.yaml"), str(REPO / "configs" / "split.yaml")
 
 TIMEOUT_S = 8  # topology.timeout_s of these runs: the bound on noticing a silent peer

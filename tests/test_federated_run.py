@@ -18,6 +18,8 @@ from cocodc.model import Transformer
 from conftest import FAST, REPO, cocodc, one_line_error, overrides
 from wandb_log import summarize
 
+pytestmark = pytest.mark.slow  # every test here launches a federated run
+
 CONFIG = str(REPO / "configs" / "federated.yaml")
 BASE = [
     *FAST,

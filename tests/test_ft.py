@@ -18,6 +18,8 @@ from cocodc.sync.schedule import RoundRobinSchedule
 
 from conftest import FAST, TINY, cocodc, overrides
 
+pytestmark = pytest.mark.slow  # every test here launches ft regions (or a lighthouse)
+
 pytest.importorskip("torchft")
 
 # 3 regions of Streaming DiLoCo: 2 fragments, one sent every 4 steps and applied 2 steps later.
@@ -57,27 +59,26 @@ def global_copies(run: Path, region: int | None = None) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[Path, list[float]]:
-    """Runs of the default (non-ft) mode, seeds 0-2, and their final eval losses: the seed spread."""
+def uninterrupted(tmp_path_factory) -> tuple[Path, float]:
+    """A run of the default (non-ft) mode, and its final eval loss."""
     root = tmp_path_factory.mktemp("ft") / "runs"
-    losses = [train(root, f"seed{seed}", "train.steps=200", f"seed={seed}")[1]["final_eval_loss"] for seed in range(3)]
-    return root / "seed0", losses
+    return root / "seed0", train(root, "seed0", "train.steps=200")[1]["final_eval_loss"]
 
 
 def test_ft_without_failures_matches_the_default_mode(run_root, uninterrupted):
-    reference, losses = uninterrupted
+    reference, loss = uninterrupted
     _, summary = train(run_root, "ft", "train.steps=200", "ft.enabled=true")
     assert all(
         torch.equal(a, b) for a, b in zip(global_copies(run_root / "ft", 0), global_copies(reference), strict=True)
     )
     # Each region evaluates every batch, where the default mode deals them over the 3 ranks: the
     # float64 sums differ in their order only.
-    assert summary["final_eval_loss"] == pytest.approx(losses[0], rel=1e-12)
+    assert summary["final_eval_loss"] == pytest.approx(loss, rel=1e-12)
     assert summary["ft"]["lost"] == [] and summary["ft"]["dropped_syncs"] == 0
 
 
 def test_a_killed_region_restarts_heals_and_rejoins(run_root, uninterrupted):
-    losses = uninterrupted[1]
+    loss = uninterrupted[1]
     # A 150 ms link slows the syncs so that the run outlasts region 1's restart.
     output, summary = train(
         run_root, "killed", "train.steps=200", "ft.enabled=true", "wan.latency_ms=150", faults=f"sigkill:1@{KILL_AT}"
@@ -97,8 +98,9 @@ def test_a_killed_region_restarts_heals_and_rejoins(run_root, uninterrupted):
     assert "(healed from a peer)" in output
     copies = [global_copies(run, region) for region in range(3)]
     assert all(torch.equal(a, b) for other in copies[1:] for a, b in zip(copies[0], other, strict=True))
-    spread = max(losses) - min(losses)
-    assert abs(summary["final_eval_loss"] - losses[0]) <= spread, (summary["final_eval_loss"], losses)
+    # Against the same seed run through: losing region 1 for its restart cost 0.027 here (measured
+    # 2026-12-07); the bound is about twice that, half the spread across seeds (0.126).
+    assert abs(summary["final_eval_loss"] - loss) <= 0.06, (summary["final_eval_loss"], loss)
 
 
 def test_a_region_lost_for_good_is_named_and_the_others_finish(run_root):

@@ -62,6 +62,7 @@ def test_the_outer_sync_runs_a_transformers_llama_in_a_user_loop(tmp_path, metho
     assert outer.outer_steps == 16 // (4 // 2) and losses[-1] < losses[0]  # a fragment every H / P steps
 
 
+@pytest.mark.slow
 def test_a_run_of_a_transformers_config_trains_and_exports_as_it_was(tmp_path):
     from transformers import AutoModelForCausalLM
 

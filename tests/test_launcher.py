@@ -11,6 +11,8 @@ import pytest
 
 from conftest import FAST, TINY, overrides
 
+pytestmark = pytest.mark.slow  # every test here launches `cocodc train`
+
 
 def workers(run_root) -> set[int]:
     """The processes whose arguments name the run directory: torchrun and its workers."""

@@ -19,6 +19,8 @@ from cocodc.metrics import read_records
 
 from conftest import FAST, TINY, cocodc, one_line_error, overrides
 
+pytestmark = pytest.mark.slow  # every test here brings up an emulated WAN
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/dev/net/tun").exists(), reason="needs root and /dev/net/tun"
 )

@@ -20,6 +20,8 @@ from torchft._torchft import LighthouseServer  # noqa: E402
 
 from torchft_parity import fresh_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torchft and cocodc side by side under torchrun
+
 
 @pytest.mark.parametrize(
     "sync_every, fragments, delay, alpha",

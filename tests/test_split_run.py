@@ -17,6 +17,8 @@ from cocodc.split.plan import on_worker
 
 from conftest import FAST, REPO, cocodc, one_line_error, overrides
 
+pytestmark = pytest.mark.slow  # every test here launches a split-learning run
+
 CONFIG = str(REPO / "configs" / "split.yaml")
 BASE = [*FAST, "train.steps=4", "eval.every=2", "checkpoint.every=2", "train.log_every=1", "split.cut=1"]
 EXACT = ["train.grad_clip=0", "split.batch_regulation=false", "data.split=iid"]  # clipping is per part

@@ -16,6 +16,8 @@ from cocodc.run_dir import check_run_dir
 from conftest import FAST, TINY, cocodc, one_line_error, overrides
 from wandb_log import summarize
 
+pytestmark = pytest.mark.slow  # end-to-end runs under torchrun
+
 BASE = [*FAST, "train.steps=24", "sync.sync_every=8", "eval.every=8", "checkpoint.every=8"]
 
 
