@@ -227,15 +227,36 @@ def run_config(run: Path) -> Config:
 def global_model(config: Config, step: int | None) -> tuple[int, dict[str, torch.Tensor]]:
     """(step, the parameters the regions agree on at it): the latest complete checkpoint's unless
     `step` names one."""
-    if config.mode != "regions":
-        raise ModelIOError(f"export takes a run of mode regions; this one is mode {config.mode}")
+    if config.mode == "split":
+        raise ModelIOError(
+            "a split run's model lives in parts on its workers and server: export takes regions and federated runs"
+        )
     root = checkpoint_root(config, 0)
     if step is None:
         step = checkpoint.latest_step(root)
     elif not (checkpoint.step_dir(root, step) / "meta.json").is_file():
         raise ModelIOError(f"the run has no complete checkpoint at step {step} in {root}")
     state = checkpoint.read_region(root, step, 0)
+    if config.mode == "federated":  # the server's model: the global one, loaded after every round
+        f = config.federated
+        return step, merged_lora(state["model"], f.lora_rank, f.lora_alpha) if f.lora_rank else state["model"]
     return step, state["outer"]["global_params"] if "outer" in state else state["model"]
+
+
+def merged_lora(state: dict[str, torch.Tensor], rank: int, alpha: float | None) -> dict[str, torch.Tensor]:
+    """A LoRA model's state (peft's names) as the plain model's: each adapted weight W becomes
+    W + alpha / rank x B A (alpha: 2 x rank unless set, as federated.lora_alpha)."""
+    scale = (alpha if alpha is not None else 2 * rank) / rank
+    plain = {}
+    for name, tensor in state.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        layer, adapted, leaf = name.partition(".base_layer.")
+        if adapted and leaf == "weight":
+            a, b = state[f"{layer}.lora_A.default.weight"], state[f"{layer}.lora_B.default.weight"]
+            tensor = tensor + scale * (b.float() @ a.float()).to(tensor.dtype)
+        plain[f"{layer}.{leaf}" if adapted else name] = tensor
+    return plain
 
 
 def export_run(run: Path, out: Path, step: int | None = None) -> int:

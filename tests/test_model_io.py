@@ -11,7 +11,7 @@ from cocodc import checkpoint
 from cocodc.config import RopeScalingConfig, load_config
 from cocodc.data import BPETokenizer, ByteTokenizer, load_domains
 from cocodc.model import Transformer
-from cocodc.model_io import byte_unicode, hf_tokenizer, save_hf
+from cocodc.model_io import byte_unicode, hf_tokenizer, merged_lora, save_hf
 from cocodc.sync.fragments import split_model
 
 from conftest import FAST, TINY, cocodc, one_line_error, overrides
@@ -141,3 +141,19 @@ def test_tied_embeddings_travel_in_one_fragment():
 def test_export_and_generate_refuse_what_is_not_a_model_in_one_line(tmp_path, args, message):
     result = cocodc(*[a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
     assert message in one_line_error(result)
+
+
+def test_merged_lora_adapters_give_the_adapted_models_logits():
+    from cocodc.federated.lora import add_lora
+
+    config = load_config(TINY, ["model.n_layers=2", "model.d_model=64", "model.n_heads=4"])
+    adapted = add_lora(Transformer(config.model, 256, 32, seed=0), rank=2, alpha=3.0)
+    with torch.no_grad():  # B starts at 0, which would hide a wrong scale or a transposed product
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    plain = Transformer(config.model, 256, 32)
+    plain.load_state_dict(merged_lora(adapted.state_dict(), rank=2, alpha=3.0))
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (plain(tokens) - adapted(tokens)).abs().max() < 1e-5
