@@ -9,7 +9,8 @@ import pytest
 
 from cocodc import config_doc
 from cocodc.cli import netem_parser
-from cocodc.config import load_config
+from cocodc.config import ConfigError, load_config
+from cocodc.model_io import export_parser, generate_parser
 from cocodc.run_dir import build_parser
 
 from conftest import REPO
@@ -75,10 +76,15 @@ def test_a_shown_command_parses(where, argv):
     if command == "train":
         options = build_parser().parse_args(args)
         assert (REPO / options.config).is_file(), f"{where}: no config {options.config}"
-        load_config(REPO / options.config, options.overrides)  # a wrong key or value raises
+        try:
+            load_config(REPO / options.config, options.overrides)  # a wrong key or value raises
+        except ConfigError as err:  # but a model to start from is one that a command before it made
+            assert str(err).startswith("model.init_from: no such run directory"), f"{where}: {err}"
     elif command == "netem":
         options = netem_parser().parse_args(args)
         assert options.config is None or (REPO / options.config).is_file(), where
+    elif command in ("export", "generate"):
+        (export_parser() if command == "export" else generate_parser()).parse_args(args)
     else:
         assert command == "report", f"{where}: cocodc has no command {command!r}"
         assert args, f"{where}: cocodc report needs run directories"
