@@ -1,3 +1,6 @@
+import importlib.util
+import re
+
 import pytest
 
 from cocodc.config import Config, ConfigError, load_config
@@ -141,3 +144,92 @@ def test_ft_is_for_the_regions_modes_outer_sync(tmp_path):
         load_config(None, ["ft.enabled=true", "sync.method=ddp"])
     with pytest.raises(ConfigError, match="ft.min_regions"):
         load_config(None, ["ft.enabled=true", "ft.min_regions=3"])
+
+
+FEDERATED, SPLIT = "configs/federated.yaml", "configs/split.yaml"
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "message"),
+    [
+        (TINY, ["model.ffn_hidden=-1"], "config key 'model.ffn_hidden' must not be negative; got -1"),
+        (TINY, ["model.n_kv_heads=3"], "model.n_kv_heads (3) must divide model.n_heads (4), or be 0"),
+        (TINY, ["model.max_seq_len=64"], "model.max_seq_len (64) must cover train.seq_len (128), or be 0"),
+        (TINY, ["model.rope_scaling.factor=0.5"], "model.rope_scaling needs factor >= 1"),
+        (TINY, ["model.rope_scaling.factor=8", "model.rope_scaling.low_freq_factor=4"], "0 < low_freq_factor < high"),
+        (TINY, ["model.rope_scaling=8"], "config key 'model.rope_scaling' is a section"),
+        (TINY, ["model.ffn_multiple_of=0"], "config key 'model.ffn_multiple_of' must be at least 1; got 0"),
+        (TINY, ["topology.timeout_s=0"], "config key 'topology.timeout_s' must be positive; got 0.0"),
+        (TINY, ["train.lr=0"], "config keys 'train.lr' and 'sync.outer_lr' must be positive"),
+        (TINY, ["train.min_lr_ratio=1.5"], "config key 'train.min_lr_ratio' must lie in [0, 1]; got 1.5"),
+        (TINY, ["train.beta2=1"], "config keys 'train.beta1' and 'train.beta2' must lie in [0, 1)"),
+        (TINY, ["sync.outer_momentum=0", "sync.outer_nesterov=true"], "sync.outer_nesterov needs a positive"),
+        (FEDERATED, ["train.grad_accum=2"], "train.grad_accum (2) is for mode regions; mode federated steps"),
+        (TINY, ["sync.schedule=adaptive"], "sync.schedule adaptive needs sync.method streaming or cocodc; got diloco"),
+        (TINY, ["sync.method=streaming", "sync.fragments=4", "sync.sync_every=4", "sync.schedule=adaptive"],
+         "sync.schedule adaptive needs slots of 2+ steps"),
+        (TINY, ["sync.max_staleness=-1"], "config key 'sync.max_staleness' must not be negative; got -1"),
+        (TINY, ["sync.max_staleness=10"], "config key 'sync.max_staleness' (10) must be at least sync.sync_every (50)"),
+        (TINY, ["sync.dc_lambda=-1"], "config key 'sync.dc_lambda' must not be negative; got -1.0"),
+        (TINY, ["sync.dc_beta=1"], "config key 'sync.dc_beta' must lie in [0, 1); got 1.0"),
+        (TINY, ["data.eval_fraction=0.5"], "config key 'data.eval_fraction' must lie in (0, 0.5); got 0.5"),
+        (TINY, ["data.tokenizer=words"], "config key 'data.tokenizer' must be bytes, bpe or hf:PATH; got 'words'"),
+        (TINY, ["data.tokenizer=hf:/no/such"], "data.tokenizer hf:/no/such: no tokenizer.json there"),
+        (TINY, ["data.dirichlet_alpha=0"], "config key 'data.dirichlet_alpha' must be positive; got 0.0"),
+        (TINY, ["sync.method=ddp", "topology.parallel=fsdp"], "topology.parallel fsdp shards a region for an outer"),
+        (TINY, ["sync.method=streaming", "sync.fragments=5", "sync.sync_every=50"], "cannot exceed model.n_layers (4)"),
+        (TINY, ["wan.latency_ms=-1"], "config key 'wan.latency_ms' must not be negative; got -1"),
+        (TINY, ["wan.latency_ms=fast"], "config key 'wan.latency_ms' expects float or list[list[float]]; got 'fast'"),
+        (TINY, ["wan.loss_pct=100", "wan.emulation=netem"], "config key 'wan.loss_pct' must be below 100; got 100"),
+        (TINY, ["topology.regions=1", "wan.latency_ms=5", "wan.emulation=netem"], "needs topology.regions of at least"),
+        (TINY, ["wan.loss_pct=1"], "wan.loss_pct needs wan.emulation=netem"),
+        (TINY, ["wan.latency_ms=[[0, 1], [1, 0], [1, 1]]"], "config key 'wan.latency_ms' must be a number or a 2 x 2"),
+        (TINY, ["ft.enabled=true", "ft.min_regions=3"], "'ft.min_regions' must be 1 .. topology.regions; got 3"),
+        (TINY, ["ft.enabled=true", "ft.quorum_timeout_s=0"], "config key 'ft.quorum_timeout_s' must be positive"),
+        (TINY, ["ft.enabled=true", "ft.max_restarts=-1"], "config key 'ft.max_restarts' must not be negative; got -1"),
+        (TINY, ["ft.enabled=true", "ft.lighthouse=host:1"], "config key 'ft.lighthouse' must be an address like"),
+        (FEDERATED, ["federated.proximal_mu=0.1"], "federated.proximal_mu is fedprox's term"),
+        (FEDERATED, ["federated.strategy=fedadam", "federated.server_lr=0"], "'federated.server_lr' must be positive"),
+        (FEDERATED, ["federated.strategy=fedadam", "federated.server_beta1=1"], "'federated.server_beta1' must lie in"),
+        (FEDERATED, ["federated.strategy=fedadam", "federated.server_tau=0"], "'federated.server_tau' must be"),
+        (FEDERATED, ["federated.lora_alpha=4"], "federated.lora_alpha needs a positive federated.lora_rank"),
+        (FEDERATED, ["wan.latency_ms=5"], "the wan section links regions; the federated mode's links are the devices"),
+        (FEDERATED, ["data.source=hf:some/corpus"], "mode federated deals a local corpus's domains to clients"),
+        (FEDERATED, ["devices.step_s=-1"], "config key 'devices.step_s' must not be negative; got -1"),
+        (SPLIT, ["federated.lora_rank=4"], "federated.lora_rank is for mode federated: mode split trains every"),
+        (SPLIT, ["wan.latency_ms=5"], "the wan section links regions; the split mode's links are the devices"),
+        (SPLIT, ["data.source=hf:some/corpus"], "mode split deals a local corpus's domains to workers"),
+    ],
+)  # fmt: skip
+def test_every_check_names_its_keys(config, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(config, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_hf_config_that_is_no_json_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not a readable JSON file"):
+        load_config(TINY, [f"model.hf_config={tmp_path}"])
+    with pytest.raises(ConfigError, match="mode split cuts cocodc's own model"):
+        load_config(SPLIT, [f"model.hf_config={tmp_path}"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "missing", "message"),
+    [
+        (["train.compile=true"], "cc", "train.compile needs a C compiler for inductor"),
+        (["train.kernels=triton"], "triton", "train.kernels triton needs triton installed"),
+        (["ft.enabled=true"], "torchft", "ft.enabled needs torchft: pip install 'cocodc[ft]'"),
+    ],
+)
+def test_what_a_setting_needs_installed_is_named(monkeypatch, overrides, missing, message):
+    # All three are installed here: their absence is what the test makes up (no C compiler on $CC;
+    # the module not found).
+    if missing == "cc":
+        monkeypatch.setenv("CC", "/no/such/compiler")
+    else:
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY, overrides)
