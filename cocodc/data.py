@@ -1,10 +1,11 @@
-"""Text -> tokens -> per-region shards, through `datasets`; deterministic and resumable.
+"""Text -> tokens -> per-region shards; deterministic and resumable.
 
 Sources (`data.source`):
 - `kjv`: the King James Bible shipped with the package; its 66 books are the domains.
 - a text file, a directory of `*.txt` files, or a glob: every file is a domain.
 - `hf:<dataset>`: anything `datasets.load_dataset` can stream (a hub name or a local folder),
-  read as one iid stream; the leading `data.eval_docs` documents are held out for eval.
+  read as one iid stream; the leading `data.eval_docs` documents are held out for eval. (Local
+  files are read as they are: `datasets`, seconds of imports per rank, is imported for streams only.)
 
 Local corpora are tokenized once and cut into sequences of seq_len + 1 tokens; every region gets
 a disjoint set of them (`iid`: a seeded shuffle dealt round-robin; `non_iid`: every domain's
@@ -16,6 +17,7 @@ held out for eval.
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import os
 import queue
@@ -25,20 +27,20 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
-import datasets
 import numpy as np
 import torch
 
 from cocodc.config import ConfigError, DataConfig
 
+if TYPE_CHECKING:
+    import datasets
+
 KJV_PATH = Path(__file__).parent / "corpus" / "kjv.txt.gz"
 EOS_TEXT = "<|endoftext|>"
 _CHAPTER_HEADER = re.compile(r"^(\S.*?) \d+$", re.MULTILINE)
-
-datasets.disable_progress_bars()
 
 
 class Tokenizer(Protocol):
@@ -157,10 +159,12 @@ def _text_files(source: str) -> list[Path]:
 
 
 def _read_documents(files: list[Path]) -> list[str]:
-    dataset = datasets.load_dataset(
-        "text", data_files={"train": [str(f) for f in files]}, sample_by="document", split="train"
-    )
-    return dataset["text"]
+    """Each file's whole text (UTF-8; gzip-compressed where it ends in .gz)."""
+    texts = []
+    for path in files:
+        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    return texts
 
 
 # ------------------------------------------------------------------------ local corpus shards
@@ -296,6 +300,9 @@ def hub_reachable(timeout_s: float = 5.0) -> bool:
 
 
 def open_stream(config: DataConfig) -> datasets.IterableDataset:
+    import datasets
+
+    datasets.disable_progress_bars()
     name = config.source.removeprefix("hf:")
     try:
         stream = datasets.load_dataset(name, config.hf_config, split="train", streaming=True)
