@@ -53,7 +53,7 @@ def test_four_bit_payload_is_under_a_seventh_of_fp32():
     assert ratio == 68 / 512 < 1 / 7
 
 
-def _block_bound(name: str, x: torch.Tensor) -> torch.Tensor:
+def block_bound(name: str, x: torch.Tensor) -> torch.Tensor:
     """The largest error each format may make on each value, given its block's absmax."""
     blocks = torch.nn.functional.pad(x, (0, -x.numel() % BLOCK)).view(-1, BLOCK)
     absmax = blocks.abs().amax(dim=1, keepdim=True).expand_as(blocks).reshape(-1)[: x.numel()]
@@ -77,7 +77,7 @@ def test_round_trip_error_within_the_format_bound(name):
     x = _values(1000)
     decoded = codec.decode(codec.encode(x), x.numel())
     assert decoded.dtype == torch.float32 and decoded.shape == x.shape
-    assert ((decoded - x).abs() <= _block_bound(name, x)).all()
+    assert ((decoded - x).abs() <= block_bound(name, x)).all()
 
 
 @pytest.mark.parametrize("name", list(CODECS))
