@@ -235,7 +235,8 @@ def test_weighted_means_and_sums_over_three_processes(tmp_path):
             assert out[key] == (_MEAN, _SUM, [1.0, 0.0, 3.0], sent), key
         assert out["simulated", "gather"] is True and out["simulated", "reduce_scatter"] is True
         assert out["nobody"] == [0.0, 0.0]
-        assert out["auto"] == reduction_bytes("gather", get_codec("e3m0"), 1000, 0, 3)  # auto gathers at n = 3
+        # auto gathers at n = 3: to each of 2 peers 532 bytes of e3m0 and the 4-byte weight (reduce-scatter: 726).
+        assert out["auto"] == 2 * (532 + 4) == reduction_bytes("gather", get_codec("e3m0"), 1000, 0, 3)
         assert out["gather"] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
         assert out["broadcast"] == [2.0, 2.0, 2.0]
     assert results[2]["totals"][0] == results[0]["totals"][0] + 2 * 12  # the broadcast's source sends to both

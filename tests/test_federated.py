@@ -113,7 +113,10 @@ def test_a_clients_batches_continue_across_rounds():
 def test_a_client_shard_smaller_than_a_batch_is_a_clear_error():
     with pytest.raises(ConfigError, match="federated client 1's data shard holds 2 sequences"):
         ClientShards(np.zeros((10, 3)), [np.arange(8), np.arange(8, 10)], batch_size=4, seed=0)
-    assert isinstance(ShardLoader(np.zeros((10, 3)), np.arange(8), 4, [0]), ShardLoader)
+    with pytest.raises(ConfigError, match="a rank's data shard holds 3 sequences, fewer than a step's batch of 4"):
+        ShardLoader(np.zeros((10, 3)), np.arange(3), 4, [0])
+    exactly_one_batch = ClientShards(np.zeros((10, 3)), [np.arange(4)], batch_size=4, seed=0)
+    assert exactly_one_batch.loader(0).next_batch().shape == (4, 3)
 
 
 @pytest.mark.parametrize(

@@ -85,8 +85,10 @@ def test_failing_nan_and_late_clients_are_left_out_and_the_rounds_go_on(tmp_path
     assert first["late"] == [slow] and first["accepted"] == [fast]
     assert first["modelled_s"] == deadline  # the server waited to the deadline for the late one
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["method"] == "fedavg" and summary["rounds"] == 4
-    assert summary["updates_accepted"] + summary["updates_left_out"] == 4 * 4
+    rounds = [r for r in records if r["kind"] == "round"]
+    assert summary["method"] == "fedavg" and summary["rounds"] == len(rounds) == 4
+    assert summary["updates_accepted"] == sum(len(r["accepted"]) for r in rounds)
+    assert summary["updates_left_out"] == sum(len(r["failed"] + r["not_finite"] + r["late"]) for r in rounds)
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
     evals = [r["step"] for r in records if r["kind"] == "eval"]
     assert evals == [0, 2, 4]
@@ -119,6 +121,10 @@ def test_resume_mid_run_is_bit_identical(tmp_path):
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         own = [load_rank(tmp_path / run / "checkpoints", 4, rank) for run in ("straight", "resumed")]
         assert own[0]["data"] == own[1]["data"]
+    # Each client's batches continue across rounds: 3 local steps for every round it was sampled in.
+    config = load_config(CONFIG, BASE)
+    sampled = [sample_clients(6, config.federated.clients_per_round, config.seed, r) for r in range(1, 5)]
+    assert own[0]["data"]["batches_done"] == [3 * sum(c in s for s in sampled) for c in range(6)]
     server = read_region(tmp_path / "straight" / "checkpoints", 4, 0)["federated"]["strategy"]
     assert server["m"] is not None  # the server optimizer's state is part of what resumed
 

@@ -304,7 +304,7 @@ def test_compensated_merge_by_hand():
     assert merged(2.0) == [1.125, 1.0]  # w = 2 * 0.25 = 0.5: 0.75 + 0.5 - 0.5 * 0.25
     assert merged(2.0, alpha=0.5) == [1.0625, 1.5]  # halfway back to live
     assert merged(2.0, alpha=1.0) == [1.0, 2.0]  # the mix at its ends: all live
-    assert merged(0.0, alpha=0.0) == merged(0.0)
+    assert merged(0.0, alpha=0.5) == [1.125, 1.5]  # halfway between the replay and live
     # Adaptive: w = clamp(lambda * delta^2 / v, 0, 1). v = 1: w = 0.5 * 0.25 = 0.125 -> 0.75 + 0.5 - 0.03125.
     assert merged(0.5, normaliser=torch.tensor([1.0, 1.0])) == [1.21875, 1.0]
     # v = delta^2 (the first update): w = lambda; lambda 4 clamps to w = 1, which keeps live exactly.

@@ -311,7 +311,6 @@ def test_two_micro_batches_of_4_train_as_one_batch_of_8(tmp_path, shape):
     assert a["initial_eval_loss"] == pytest.approx(b["initial_eval_loss"], abs=1e-6)
     assert abs(a["final_eval_loss"] - b["final_eval_loss"]) < 1e-5
     assert a["final_eval_loss"] < a["initial_eval_loss"] - 1
-    assert a["tokens"] == b["tokens"]
     assert a["bytes_sent"] == b["bytes_sent"]  # ddp: one all-reduce a step either way
 
 
