@@ -67,8 +67,10 @@ def test_a_run_of_a_transformers_config_trains_and_exports_as_it_was(tmp_path):
     from transformers import AutoModelForCausalLM
 
     llama(tmp_path / "llama")
+    # Each region of 2 ranks sharded with FSDP2, the layers found as blocks.
     settings = [f"model.hf_config={tmp_path / 'llama'}", "sync.method=cocodc", "sync.fragments=2", "sync.delay=1",
-                "sync.sync_every=4", "train.steps=8", "eval.every=0", "checkpoint.every=0"]  # fmt: skip
+                "sync.sync_every=4", "train.steps=8", "eval.every=0", "checkpoint.every=0",
+                "topology.ranks_per_region=2", "topology.parallel=fsdp"]  # fmt: skip
     settings.append(f"run.dir={tmp_path}")
     result = cocodc("train", "-c", TINY, *overrides(*FAST, *settings), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
