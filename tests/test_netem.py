@@ -126,7 +126,7 @@ def test_a_region_killed_across_the_emulated_wan_heals_over_it(tmp_path):
     pytest.importorskip("torchft")
     before = namespaces()
     args = overrides(
-        *FAST, "train.steps=200", "eval.every=0", "checkpoint.every=0", "sync.method=streaming",
+        *FAST, "train.steps=120", "eval.every=0", "checkpoint.every=0", "sync.method=streaming",
         "sync.fragments=2", "sync.sync_every=8", "sync.delay=2", "ft.enabled=true",
         "wan.emulation=netem", "wan.latency_ms=100", "run.dir=runs",
     )  # fmt: skip
