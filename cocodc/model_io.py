@@ -272,6 +272,9 @@ def save_hf(params: dict[str, torch.Tensor], config: Config, tokenizer: Any, out
     """Our model's parameters (by name) and a tokenizer from `hf_tokenizer`, as a transformers
     directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # a bar for writing one small file is noise on the console
 
     if config.model.hf_config:  # the run's transformers model: its own names, its own config
         with torch.device("meta"):
@@ -296,7 +299,9 @@ def generate(source: Path, prompt: str, max_new_tokens: int, temperature: float,
     """`prompt` and its continuation by the model in `source` (a run, exported on the way, or an
     export): greedy with temperature 0, else sampled."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as exported:
         if (source / "config.yaml").is_file():
             export_run(source, Path(exported))
