@@ -140,6 +140,51 @@ _LAYER_NAMES = {  # ours: LlamaDecoderLayer's, for the weights that map one to o
 }
 
 
+# Our settings that fix the parameters' shapes, and what a transformers LlamaConfig calls them.
+_SHAPE_KEYS = {
+    "n_layers": "num_hidden_layers",
+    "d_model": "hidden_size",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "ffn_hidden": "intermediate_size",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+
+def check_init_from(config: Config) -> None:
+    """Before any rank starts: that model.init_from (a run or a transformers directory) holds a model
+    of this config's shape, from their configs alone; a ConfigError names the first difference. (A
+    .pt file is checked as each rank loads it.)"""
+    source = Path(config.model.init_from)
+    ours = _shape(config)
+    if (source / "config.yaml").is_file():
+        theirs, what = _shape(run_config(source)), "the run"
+    elif (source / "config.json").is_file():
+        theirs, what = _hf_shape(json.loads((source / "config.json").read_text())), "its config.json"
+    else:
+        return
+    for key, value in ours.items():
+        if key in theirs and theirs[key] != value:
+            raise ConfigError(
+                f"model.init_from {source}: {what} has {key}={theirs[key]!r} where this config has {value!r}"
+            )
+
+
+def _shape(config: Config) -> dict[str, Any]:
+    m = config.model
+    if m.hf_config:
+        return _hf_shape(json.loads(hf_config_file(m.hf_config).read_text()))
+    shape = {"n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads, "n_kv_heads": kv_heads(m)}
+    return shape | {"ffn_hidden": ffn_hidden_size(m), "tie_embeddings": m.tie_embeddings}
+
+
+def _hf_shape(settings: dict[str, Any]) -> dict[str, Any]:
+    shape = {ours: settings[theirs] for ours, theirs in _SHAPE_KEYS.items() if theirs in settings}
+    if shape.get("n_kv_heads") is None and "n_heads" in shape:
+        shape["n_kv_heads"] = shape["n_heads"]  # transformers' default: as many as query heads
+    return shape
+
+
 def load_pretrained(model: nn.Module, source: str) -> None:
     """model.init_from: `source` (a run directory, an exported or transformers Llama directory, or a
     .pt file of the model's state dict) loaded into `model`; a ConfigError names what does not fit."""

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from cocodc import checkpoint
-from cocodc.config import RopeScalingConfig, load_config
+from cocodc.config import ConfigError, RopeScalingConfig, load_config
 from cocodc.data import BPETokenizer, ByteTokenizer, load_domains
 from cocodc.model import Transformer
-from cocodc.model_io import byte_unicode, hf_tokenizer, merged_lora, save_hf
+from cocodc.model_io import byte_unicode, check_init_from, hf_tokenizer, merged_lora, save_hf
 from cocodc.sync.fragments import split_model
 
 from conftest import FAST, TINY, cocodc, one_line_error, overrides
@@ -157,3 +158,20 @@ def test_merged_lora_adapters_give_the_adapted_models_logits():
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (plain(tokens) - adapted(tokens)).abs().max() < 1e-5
+
+
+def test_a_model_to_start_from_of_another_shape_is_named_before_any_rank_starts(tmp_path):
+    exported(tmp_path, n_kv_heads=2)  # writes tmp_path / "hf": 2 layers, d_model 64, 4 heads, 2 of k/v
+    shape = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "train.seq_len=32"]
+    check_init_from(load_config(TINY, [*shape, "model.n_kv_heads=2", f"model.init_from={tmp_path / 'hf'}"]))
+    with pytest.raises(ConfigError, match="its config.json has n_kv_heads=2 where this config has 4"):
+        check_init_from(load_config(TINY, [*shape, f"model.init_from={tmp_path / 'hf'}"]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(load_config(TINY, shape).to_dict()))
+    with pytest.raises(ConfigError, match="the run has n_layers=2 where this config has 4"):
+        check_init_from(load_config(TINY, [f"model.init_from={run}"]))
+    result = cocodc(
+        "train", "-c", TINY, "--set", f"model.init_from={run}", "--set", f"run.dir={tmp_path}", cwd=tmp_path
+    )
+    assert "the run has n_layers=2 where this config has 4" in one_line_error(result)
