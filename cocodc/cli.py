@@ -407,7 +407,7 @@ def export_command(args: list[str]) -> int:
 
     options = model_io.export_parser().parse_args(args)
     try:
-        step = model_io.export_run(options.run, options.hf, options.step)
+        step = model_io.export_run(options.run, options.hf, options.step, options.adapter)
     except (model_io.ModelIOError, run_dir.CheckpointError, ConfigError) as err:
         print(f"cocodc: error: {err}", file=sys.stderr)
         return 2

@@ -269,9 +269,9 @@ def run_config(run: Path) -> Config:
         raise ModelIOError(f"{path}: {err}") from None
 
 
-def global_model(config: Config, step: int | None) -> tuple[int, dict[str, torch.Tensor]]:
+def global_model(config: Config, step: int | None, merge: bool = True) -> tuple[int, dict[str, torch.Tensor]]:
     """(step, the parameters the regions agree on at it): the latest complete checkpoint's unless
-    `step` names one."""
+    `step` names one; a federated LoRA run's with the adapters merged (unless not `merge`)."""
     if config.mode == "split":
         raise ModelIOError(
             "a split run's model lives in parts on its workers and server: export takes regions and federated runs"
@@ -284,7 +284,8 @@ def global_model(config: Config, step: int | None) -> tuple[int, dict[str, torch
     state = checkpoint.read_region(root, step, 0)
     if config.mode == "federated":  # the server's model: the global one, loaded after every round
         f = config.federated
-        return step, merged_lora(state["model"], f.lora_rank, f.lora_alpha) if f.lora_rank else state["model"]
+        merged = f.lora_rank and merge
+        return step, merged_lora(state["model"], f.lora_rank, f.lora_alpha) if merged else state["model"]
     return step, state["outer"]["global_params"] if "outer" in state else state["model"]
 
 
@@ -304,13 +305,71 @@ def merged_lora(state: dict[str, torch.Tensor], rank: int, alpha: float | None) 
     return plain
 
 
-def export_run(run: Path, out: Path, step: int | None = None) -> int:
-    """Write the run's model at `step` (default: its latest checkpoint) to `out`; returns the step."""
+def export_run(run: Path, out: Path, step: int | None = None, adapter: bool = False) -> int:
+    """Write the run's model at `step` (default: its latest checkpoint) to `out`; returns the step.
+    With `adapter` (a federated LoRA run): the base model to `out` and its LoRA adapters, as peft
+    writes them, to `out/adapter`, rather than the adapters merged into the weights."""
     config = run_config(run)
     tokenizer = hf_tokenizer(config, run)
-    step, params = global_model(config, step)
-    save_hf(params, config, tokenizer, out)
+    if adapter and not (config.mode == "federated" and config.federated.lora_rank):
+        raise ModelIOError(f"--adapter: {run} trained no LoRA adapters (federated.lora_rank)")
+    step, params = global_model(config, step, merge=not adapter)
+    if not adapter:
+        save_hf(params, config, tokenizer, out)
+        return step
+    f = config.federated
+    save_hf(merged_lora(params, f.lora_rank, 0.0), config, tokenizer, out)  # scale 0: the base alone
+    save_adapter(params, config, out)
     return step
+
+
+def save_adapter(state: dict[str, torch.Tensor], config: Config, base: Path) -> None:
+    """The LoRA adapters of `state` (peft's names on our model) as a peft adapter of the transformers
+    model exported to `base`, written to base/adapter: our qkv adapter becomes q_proj's, k_proj's
+    and v_proj's, with A shared and B's rows split (q's and k's reordered as the weights are)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    m, f = config.model, config.federated
+    heads, kv = m.n_heads, kv_heads(m)
+    head_dim = m.d_model // heads
+    lora = LoraConfig(
+        r=f.lora_rank,
+        lora_alpha=f.lora_alpha if f.lora_alpha is not None else 2 * f.lora_rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    adapters = {}
+    for i in range(m.n_layers):
+        ours, theirs = f"blocks.{i}.", f"base_model.model.model.layers.{i}."
+        a, b = (state[f"{ours}attn.qkv.lora_{x}.default.weight"] for x in "AB")
+        b_q, b_k, b_v = b.split([heads * head_dim, kv * head_dim, kv * head_dim])
+        pairs = {
+            "self_attn.q_proj": (a, _half_split(b_q, heads)),
+            "self_attn.k_proj": (a, _half_split(b_k, kv)),
+            "self_attn.v_proj": (a, b_v),
+        }
+        for our_name, their_name in _ADAPTED.items():
+            pairs[their_name] = tuple(state[f"{ours}{our_name}.lora_{x}.default.weight"] for x in "AB")
+        for their_name, (a_part, b_part) in pairs.items():
+            adapters[f"{theirs}{their_name}.lora_A.default.weight"] = a_part
+            adapters[f"{theirs}{their_name}.lora_B.default.weight"] = b_part
+    missing = set(name for name in model.state_dict() if "lora_" in name) - set(adapters)
+    if missing:
+        raise ModelIOError(f"the run's adapters do not cover {sorted(missing)[0]}")
+    model.load_state_dict(adapters, strict=False)
+    model.save_pretrained(base / "adapter")
+
+
+_ADAPTED = {  # our adapted Linear: its name in a LlamaDecoderLayer
+    "attn.out": "self_attn.o_proj",
+    "ffn.gate": "mlp.gate_proj",
+    "ffn.up": "mlp.up_proj",
+    "ffn.down": "mlp.down_proj",
+}
 
 
 def save_hf(params: dict[str, torch.Tensor], config: Config, tokenizer: Any, out: Path) -> None:
@@ -370,6 +429,11 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("run", type=Path, help="the run directory")
     parser.add_argument("--hf", type=Path, required=True, metavar="OUT", help="the directory to write")
     parser.add_argument("--step", type=int, default=None, help="the checkpoint to export (default: the latest)")
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a federated LoRA run: the base model, and its adapters as a peft adapter in OUT/adapter (not merged)",
+    )
     return parser
 
 

@@ -145,22 +145,30 @@ def test_lora_fine_tuning_sends_only_the_adapters(tmp_path):
     rounds = [r for r in read_records(tmp_path / "lora" / "metrics.jsonl") if r["kind"] == "round"]
     assert [r["bytes_up"] for r in rounds] == [4 * per_client] * 4
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    final = read_region(tmp_path / "lora" / "checkpoints", 4, 0)["model"]
+    for name, value in base.state_dict().items():
+        wrapped = name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(final[wrapped] if wrapped in final else final[name], value), name
     # Exported, the adapters are merged into the weights: transformers gives the adapted model's logits.
     from transformers import AutoModelForCausalLM
 
     result = cocodc("export", str(tmp_path / "lora"), "--hf", str(tmp_path / "merged"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     adapted = add_lora(Transformer(config.model, 256, config.train.seq_len), 2)
-    adapted.load_state_dict(read_region(tmp_path / "lora" / "checkpoints", 4, 0)["model"])
+    adapted.load_state_dict(final)
     tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits
         assert (merged - adapted(tokens)).abs().max() < 1e-5
+    # Or the base and the adapters apart, as peft loads them.
+    from peft import PeftModel
 
-    final = read_region(tmp_path / "lora" / "checkpoints", 4, 0)["model"]
-    for name, value in base.state_dict().items():
-        wrapped = name.replace(".weight", ".base_layer.weight")
-        assert torch.equal(final[wrapped] if wrapped in final else final[name], value), name
+    result = cocodc("export", str(tmp_path / "lora"), "--hf", str(tmp_path / "apart"), "--adapter", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported_base = AutoModelForCausalLM.from_pretrained(tmp_path / "apart")
+    with torch.no_grad():
+        apart = PeftModel.from_pretrained(exported_base, tmp_path / "apart" / "adapter")(tokens).logits
+        assert (apart - adapted(tokens)).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize(

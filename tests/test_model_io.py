@@ -12,7 +12,7 @@ from cocodc import checkpoint
 from cocodc.config import ConfigError, RopeScalingConfig, load_config
 from cocodc.data import BPETokenizer, ByteTokenizer, load_domains
 from cocodc.model import Transformer
-from cocodc.model_io import byte_unicode, check_init_from, hf_tokenizer, merged_lora, save_hf
+from cocodc.model_io import byte_unicode, check_init_from, hf_tokenizer, merged_lora, save_adapter, save_hf
 from cocodc.sync.fragments import split_model
 
 from conftest import FAST, TINY, cocodc, one_line_error, overrides
@@ -175,3 +175,26 @@ def test_a_model_to_start_from_of_another_shape_is_named_before_any_rank_starts(
         "train", "-c", TINY, "--set", f"model.init_from={run}", "--set", f"run.dir={tmp_path}", cwd=tmp_path
     )
     assert "the run has n_layers=2 where this config has 4" in one_line_error(result)
+
+
+def test_lora_adapters_export_as_a_peft_adapter_of_the_exported_base(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cocodc.federated.lora import add_lora
+
+    config = load_config(TINY, ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2"])
+    config.federated = dataclasses.replace(config.federated, lora_rank=2, lora_alpha=3.0)
+    adapted = add_lora(Transformer(config.model, 256, 32, seed=0), rank=2, alpha=3.0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    state = adapted.state_dict()
+    save_hf(merged_lora(state, 2, 0.0), config, hf_tokenizer(config, tmp_path), tmp_path / "hf")
+    save_adapter(state, config, tmp_path / "hf")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    theirs = PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (theirs(tokens).logits - adapted(tokens)).abs().max() < 1e-5
