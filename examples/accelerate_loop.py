@@ -80,6 +80,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients and outer.inner_step == args.stop_at:
             accelerator.save_state(checkpoint)
+            accelerator.end_training()
             return
 
     outer.finish()
@@ -91,6 +92,9 @@ def main() -> None:
     global_copy = [p.clone() for params in outer.global_params for p in params]
     torch.save({"summary": summary, "global": global_copy}, args.out / f"final-rank{region}.pt")
     print(json.dumps(summary), flush=True)
+    # The process group goes down here, not in the interpreter's teardown at exit: there, a gloo
+    # thread still running can abort the process.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
