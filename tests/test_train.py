@@ -96,13 +96,23 @@ def test_wandb_offline_logs_one_run_per_region(full_run):
         assert [h["inner_step"] for h in run["history"] if "train/loss" in h] == list(range(2, 25, 2))
     global_evals = [h["inner_step"] for h in runs[0]["history"] if "eval/loss" in h]
     assert global_evals == [0, 8, 16, 24]
+    # What wandb holds is what metrics.jsonl holds.
+    records = read_records(full_run / "metrics.jsonl")
+    for region, run in enumerate(runs):
+        logged = {h["inner_step"]: h["train/loss"] for h in run["history"] if "train/loss" in h}
+        written = {r["step"]: r["loss"] for r in records if r["kind"] == "train" and r["region"] == region}
+        assert logged == written
+    evals = {r["step"]: r["loss"] for r in records if r["kind"] == "eval" and r["scope"] == "global"}
+    assert {h["inner_step"]: h["eval/loss"] for h in runs[0]["history"] if "eval/loss" in h} == evals
     assert not any("eval/loss" in h for h in runs[1]["history"])  # the global eval is logged once
 
 
 def test_resume_is_bit_identical(full_run, tmp_path):
+    offline = ("wandb.mode=offline",)
     stopped = cocodc(
-        "train", "-c", TINY, "--stop-at", "12", *overrides(*BASE, f"run.dir={tmp_path}", "run.name=split"), cwd=tmp_path
-    )
+        "train", "-c", TINY, "--stop-at", "12", *overrides(*BASE, f"run.dir={tmp_path}", "run.name=split", *offline),
+        cwd=tmp_path,
+    )  # fmt: skip
     assert stopped.returncode == 0, stopped.stderr[-4000:]
     assert "stopped after step 12" in stopped.stderr
     latest = tmp_path / "split" / "checkpoints" / "LATEST"
@@ -112,7 +122,12 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     # step 8 and must drop the records written after it before writing them again.
     latest.write_text("8\n")
     # Resumed without the prefetcher: the batches, and so every number, are the loader's own.
-    resumed = train(tmp_path, "split", "data.prefetch=0", flags=("--resume",))
+    resumed = train(tmp_path, "split", "data.prefetch=0", *offline, flags=("--resume",))
+    # Each region's two lives log into one wandb run.
+    lives = [summarize(f)["run"] for f in sorted(resumed.glob("wandb/offline-run-*/run-*.wandb"))]
+    for region in (0, 1):
+        mine = [life.run_id for life in lives if life.display_name == f"split-region{region}"]
+        assert len(mine) == 2 and set(mine) == {(resumed / f"wandb-region{region}.id").read_text().strip()}
 
     for region in (0, 1):
         a = checkpoint.read_region(full_run / "checkpoints", 24, region)
