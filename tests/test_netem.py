@@ -88,9 +88,9 @@ def test_round_trips_match_the_set_delays(net_name, tmp_path):
     assert netem.read_state(net_name)["owner"] is None
     for src, dst in [(0, 1), (0, 2), (1, 2)]:
         expected = latency[src][dst] + latency[dst][src]
-        # The forwarder never delivers early; how late it delivers on a loaded 2-core machine is a
-        # timing (`cocodc netem up` prints the measured round trips), so only a loose ceiling.
-        assert 0.95 * expected <= netem.measure_rtt(net_name, src, dst) * 1e3 < 10 * expected
+        # The forwarder never delivers early (its schedule is tested exactly in test_forwarder.py);
+        # late by its loop and the probes' threads: a few ms here, bounded at the delay again.
+        assert 0.95 * expected <= netem.measure_rtt(net_name, src, dst) * 1e3 < 2 * expected
     again = cocodc("netem", "up", "--name", net_name, "--regions", "2", cwd=tmp_path, timeout=60)
     assert "exists" in one_line_error(again)
     down = cocodc("netem", "down", "--name", net_name, cwd=tmp_path, timeout=60)
