@@ -331,17 +331,30 @@ def save_adapter(state: dict[str, torch.Tensor], config: Config, base: Path) -> 
     from transformers import AutoModelForCausalLM
 
     m, f = config.model, config.federated
-    heads, kv = m.n_heads, kv_heads(m)
-    head_dim = m.d_model // heads
+    if m.hf_config:  # the adapters sit on the transformers model's own layers already
+        adapters = {f"base_model.model.{name.removeprefix('hf.')}": t for name, t in state.items() if ".lora_" in name}
+    else:
+        adapters = _llama_adapters(state, m)
     lora = LoraConfig(
         r=f.lora_rank,
         lora_alpha=f.lora_alpha if f.lora_alpha is not None else 2 * f.lora_rank,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in adapters}),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    missing = set(name for name in model.state_dict() if "lora_" in name) - set(adapters)
+    if missing:
+        raise ModelIOError(f"the run's adapters do not cover {sorted(missing)[0]}")
+    model.load_state_dict(adapters, strict=False)
+    model.save_pretrained(base / "adapter")
+
+
+def _llama_adapters(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our model's adapters by the names peft gives them on the exported LlamaForCausalLM."""
+    heads, kv = m.n_heads, kv_heads(m)
+    head_dim = m.d_model // heads
     adapters = {}
     for i in range(m.n_layers):
         ours, theirs = f"blocks.{i}.", f"base_model.model.model.layers.{i}."
@@ -357,11 +370,7 @@ def save_adapter(state: dict[str, torch.Tensor], config: Config, base: Path) -> 
         for their_name, (a_part, b_part) in pairs.items():
             adapters[f"{theirs}{their_name}.lora_A.default.weight"] = a_part
             adapters[f"{theirs}{their_name}.lora_B.default.weight"] = b_part
-    missing = set(name for name in model.state_dict() if "lora_" in name) - set(adapters)
-    if missing:
-        raise ModelIOError(f"the run's adapters do not cover {sorted(missing)[0]}")
-    model.load_state_dict(adapters, strict=False)
-    model.save_pretrained(base / "adapter")
+    return adapters
 
 
 _ADAPTED = {  # our adapted Linear: its name in a LlamaDecoderLayer

@@ -14,7 +14,7 @@ from cocodc.hf_model import build_hf_model
 from cocodc.sync import OuterSync
 from cocodc.sync.fragments import find_blocks, split_model, split_modules
 
-from conftest import FAST, TINY, cocodc, overrides
+from conftest import FAST, REPO, TINY, cocodc, overrides
 
 
 def llama(tmp_path, tie=False):
@@ -101,3 +101,33 @@ def test_bad_hf_settings_name_the_key(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=None) as err:
         load_config(TINY, [f"model.hf_config={tmp_path}", *settings])
     assert message in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_transformers_model_fine_tuned_with_lora_in_the_federated_mode_exports_both_ways(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cocodc.federated.lora import add_lora
+
+    llama(tmp_path / "llama").save_pretrained(tmp_path / "pretrained")  # weights to start from
+    settings = [f"model.hf_config={tmp_path / 'llama'}", f"model.init_from={tmp_path / 'pretrained'}",
+                "federated.lora_rank=2", "federated.clients=4", "federated.clients_per_round=2", "federated.rounds=3",
+                "federated.local_steps=2", "eval.every=0", "checkpoint.every=0", f"run.dir={tmp_path}"]  # fmt: skip
+    result = cocodc("train", "-c", str(REPO / "configs" / "federated.yaml"), *overrides(*FAST, *settings), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "federated"
+    summary = json.loads((run / "summary.json").read_text())
+    adapted = add_lora(build_hf_model(str(tmp_path / "llama"), 256, "", "none"), 2)
+    assert summary["trained_parameters"] == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    adapted.load_state_dict(checkpoint.read_region(run / "checkpoints", 3, 0)["model"])
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    for flags in ([], ["--adapter"]):
+        out = tmp_path / f"out{len(flags)}"
+        result = cocodc("export", str(run), "--hf", str(out), *flags, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        theirs = AutoModelForCausalLM.from_pretrained(out)
+        theirs = PeftModel.from_pretrained(theirs, out / "adapter") if flags else theirs
+        with torch.no_grad():
+            assert (theirs.eval()(tokens).logits - adapted.eval()(tokens)).abs().max() < 1e-5

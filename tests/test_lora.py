@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cocodc.config import ModelConfig
-from cocodc.federated.lora import LORA_TARGETS, add_lora, trainable_parameters
+from cocodc.federated.lora import add_lora, lora_targets, trainable_parameters
 from cocodc.model import Transformer, ffn_hidden_size, lm_loss
 
 CONFIG = ModelConfig(n_layers=2, d_model=32, n_heads=2)
@@ -48,11 +48,12 @@ def test_only_adapters_train_and_their_count_matches_the_shapes():
     assert list(trainable) == [
         f"blocks.{i}.{group}.{target}.lora_{ab}.default.weight"
         for i in range(CONFIG.n_layers)
-        for group, targets in (("attn", LORA_TARGETS[:2]), ("ffn", LORA_TARGETS[2:]))
+        for group, targets in (("attn", ("qkv", "out")), ("ffn", ("gate", "up", "down")))
         for target in targets
         for ab in "AB"
     ]
     assert [id(p) for p in trainable_parameters(model)] == [id(p) for p in trainable.values()]
+    assert lora_targets(tiny()) == ["down", "gate", "out", "qkv", "up"]
     assert model.blocks[0].attn.qkv.scaling["default"] == 2.0  # alpha defaults to 2 * rank
 
 

@@ -1,6 +1,6 @@
 """LoRA adapters on the transformer's block Linears, injected with peft, so federated rounds move only the adapters.
 
-`add_lora` wraps each targeted `nn.Linear` in place (peft's `inject_adapter_in_model`): the model stays a plain
+`add_lora` wraps each Linear of the model's blocks in place (peft's `inject_adapter_in_model`): the model stays a plain
 `Transformer` whose forward is `forward(tokens)`. A wrapped layer's weight moves to `<layer>.base_layer.weight` and its
 adapters are `<layer>.lora_A.default.weight` (rank, in) and `<layer>.lora_B.default.weight` (out, rank), so load a
 pretrained checkpoint before calling `add_lora`.
@@ -12,13 +12,20 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-# The embedding and the (untied) head stay frozen: an adapter on the head costs rank * (vocab + d_model), as much as
-# a couple of blocks' adapters at a 32k vocabulary, and fine-tuning should keep the pretrained token representations.
-LORA_TARGETS = ("qkv", "out", "gate", "up", "down")
+from cocodc.sync.fragments import find_blocks
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """The names of the Linear layers inside the model's blocks (cocodc's: qkv, out, gate, up, down; a
+    transformers Llama's: q_proj ... down_proj). The embedding and the (untied) head stay frozen: an
+    adapter on the head costs rank * (vocab + d_model), as much as a couple of blocks' adapters at a
+    32k vocabulary, and fine-tuning should keep the pretrained token representations."""
+    blocks = find_blocks(model)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules() if isinstance(m, nn.Linear)})
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
-    """Inject rank-`rank` LoRA adapters into every `LORA_TARGETS` Linear and freeze all base parameters.
+    """Inject rank-`rank` LoRA adapters into every Linear of the blocks and freeze all base parameters.
 
     `alpha` defaults to 2 * rank, so the adapter scale alpha / rank is 2 whatever the rank. The adapters start as
     B = 0 (A random, from torch's global generator), so the model's output is unchanged at injection. Returns the
@@ -31,7 +38,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Modu
     if any(isinstance(module, LoraLayer) for module in model.modules()):
         raise ValueError("model already has LoRA adapters")
     base = list(model.parameters())
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=list(LORA_TARGETS))
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=lora_targets(model))
     model = inject_adapter_in_model(config, model)
     # peft already freezes non-adapter weights; done explicitly so the guarantee does not rest on its defaults.
     for param in base:
