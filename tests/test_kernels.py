@@ -183,7 +183,12 @@ def test_backend_switch():
     finally:
         kernels.set_backend("auto")
     assert (kernels._kernels_for(x.to(DEVICE)) is triton_ops) == CUDA  # auto: the kernels on CUDA only
-    assert torch.equal(kernels.encode(codec, x.to(DEVICE)).cpu(), codec.encode(x))
+    kernels.set_backend("triton")  # forced: on a CPU tensor, the kernels in Triton's interpreter
+    try:
+        assert kernels._kernels_for(x) is triton_ops
+        assert torch.equal(kernels.encode(codec, x.to(DEVICE)).cpu(), codec.encode(x))
+    finally:
+        kernels.set_backend("auto")
 
 
 def _two_regions_worker(rank: int, store: str, backend: str, results) -> None:
