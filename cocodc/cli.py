@@ -74,9 +74,12 @@ def train_command(args: list[str]) -> int:
         config = load_config(options.config, options.overrides)
         run_dir.check_run_dir(config, options.resume, options.overwrite)
         if config.model.init_from:
-            from cocodc.model_io import check_init_from
+            from cocodc.model_io import ModelIOError, check_init_from
 
-            check_init_from(config)
+            try:
+                check_init_from(config)
+            except ModelIOError as err:
+                raise ConfigError(f"model.init_from {config.model.init_from}: {err}") from None
         world_size = config.world_size
         if options.resume:  # with ft, every region resumes its own
             from cocodc import checkpoint

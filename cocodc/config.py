@@ -384,11 +384,16 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     return config
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """A validated `Config` from a nested dict (for example a run's saved config.yaml)."""
-    config = _build(Config, raw, prefix="")
-    validate(config)
-    return config
+def saved_config(raw: dict[str, Any]) -> Config:
+    """The `Config` a run saved (its config.yaml), its keys renamed since then taken to their new
+    names. Not checked again: it was when the run started, and the files it named may have moved."""
+    raw = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in raw.items()}
+    for old, new in MOVED_KEYS.items():
+        (section, key), (new_section, new_key) = old.split("."), new.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            value = raw[section].pop(key)
+            raw.setdefault(new_section, {}).setdefault(new_key, value)
+    return _build(Config, raw, prefix="")
 
 
 def _parse_value(text: str) -> Any:
@@ -776,6 +781,11 @@ def _validate_split(config: Config) -> None:
             raise ConfigError(f"config key 'split.{key}' must be at least 1; got {getattr(sp, key)}")
     if sp.executors > sp.workers:
         raise ConfigError(f"split.executors ({sp.executors}) cannot exceed split.workers ({sp.workers})")
+    if config.model.tie_embeddings and sp.shape != "u":
+        raise ConfigError(
+            "model.tie_embeddings with split.shape two would put the embedding on the workers and its tied head "
+            "on the server: use split.shape u (both on the workers) or untied embeddings"
+        )
     if config.federated.lora_rank:
         raise ConfigError(
             "federated.lora_rank is for mode federated: mode split trains every parameter of its parts "

@@ -102,7 +102,10 @@ class BPETokenizer:
         except Exception as err:  # tokenizers raises its own kinds for a file it cannot read
             raise ConfigError(f"tokenizer {path} cannot be read ({str(err).splitlines()[0][:200]})") from None
         settings = path.with_name("tokenizer_config.json")
-        named = json.loads(settings.read_text()).get("eos_token") if settings.is_file() else None
+        try:
+            named = json.loads(settings.read_text()).get("eos_token") if settings.is_file() else None
+        except (ValueError, AttributeError):
+            raise ConfigError(f"{settings} is not a JSON object") from None
         named = named.get("content") if isinstance(named, dict) else named  # an AddedToken's fields
         eos = [named] if named else [name for name in EOS_NAMES if tokenizer.token_to_id(name) is not None]
         if not eos or tokenizer.token_to_id(eos[0]) is None:

@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from cocodc import checkpoint
-from cocodc.config import Config, ConfigError, ModelConfig, config_from_dict
+from cocodc.config import Config, ConfigError, ModelConfig, saved_config
 from cocodc.data import BPETokenizer
 from cocodc.hf_model import HFCausalLM, hf_config_file
 from cocodc.model import ffn_hidden_size, kv_heads
@@ -148,6 +148,7 @@ _SHAPE_KEYS = {
     "n_kv_heads": "num_key_value_heads",
     "ffn_hidden": "intermediate_size",
     "tie_embeddings": "tie_word_embeddings",
+    "vocab_size": "vocab_size",
 }
 
 
@@ -160,7 +161,11 @@ def check_init_from(config: Config) -> None:
     if (source / "config.yaml").is_file():
         theirs, what = _shape(run_config(source)), "the run"
     elif (source / "config.json").is_file():
-        theirs, what = _hf_shape(json.loads((source / "config.json").read_text())), "its config.json"
+        try:
+            settings = json.loads((source / "config.json").read_text())
+        except ValueError:
+            raise ModelIOError(f"{source / 'config.json'} is not JSON") from None
+        theirs, what = _hf_shape(settings), "its config.json"
     else:
         return
     for key, value in ours.items():
@@ -171,18 +176,22 @@ def check_init_from(config: Config) -> None:
 
 
 def _shape(config: Config) -> dict[str, Any]:
+    """What fixes the parameters and what they mean: the shapes, the rotary base, and with the byte
+    tokenizer the vocabulary (a BPE's is known once trained)."""
     m = config.model
     if m.hf_config:
         return _hf_shape(json.loads(hf_config_file(m.hf_config).read_text()))
     shape = {"n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads, "n_kv_heads": kv_heads(m)}
-    return shape | {"ffn_hidden": ffn_hidden_size(m), "tie_embeddings": m.tie_embeddings}
+    shape |= {"ffn_hidden": ffn_hidden_size(m), "tie_embeddings": m.tie_embeddings, "rope_theta": m.rope_theta}
+    return shape | ({"vocab_size": 256} if config.data.tokenizer == "bytes" else {})
 
 
 def _hf_shape(settings: dict[str, Any]) -> dict[str, Any]:
     shape = {ours: settings[theirs] for ours, theirs in _SHAPE_KEYS.items() if theirs in settings}
     if shape.get("n_kv_heads") is None and "n_heads" in shape:
         shape["n_kv_heads"] = shape["n_heads"]  # transformers' default: as many as query heads
-    return shape
+    theta = settings.get("rope_theta", (settings.get("rope_parameters") or {}).get("rope_theta"))
+    return shape | ({"rope_theta": float(theta)} if theta is not None else {})
 
 
 def load_pretrained(model: nn.Module, source: str) -> None:
@@ -200,8 +209,9 @@ def load_pretrained(model: nn.Module, source: str) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
             params = state.get("model", state)
         _load(model, params, assign=False)
-    except (ModelIOError, checkpoint.CheckpointError, RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # torch, safetensors and pickle raise many kinds for a file that does not fit
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        first = next((line for line in lines if line.startswith("size mismatch")), lines[0])
         raise ConfigError(f"model.init_from {source}: cannot load it into this config's model ({first})") from None
 
 
@@ -260,13 +270,17 @@ def hf_tokenizer(config: Config, run: Path) -> Any:
 
 
 def run_config(run: Path) -> Config:
+    """The config of the run in directory `run`, which is where its checkpoints are (wherever the
+    run was started from, and under whatever run.dir it named then)."""
     path = run / "config.yaml"
     if not path.is_file():
         raise ModelIOError(f"{run} is not a cocodc run directory (no config.yaml)")
     try:
-        return config_from_dict(yaml.safe_load(path.read_text()))
-    except ConfigError as err:
-        raise ModelIOError(f"{path}: {err}") from None
+        config = saved_config(yaml.safe_load(path.read_text()))
+    except (ConfigError, yaml.YAMLError, AttributeError) as err:
+        raise ModelIOError(f"{path} is not a config cocodc can read ({str(err).splitlines()[0]})") from None
+    config.run.dir, config.run.name = str(run.parent), run.name
+    return config
 
 
 def global_model(config: Config, step: int | None, merge: bool = True) -> tuple[int, dict[str, torch.Tensor]]:
@@ -421,9 +435,12 @@ def generate(source: Path, prompt: str, max_new_tokens: int, temperature: float,
             source = Path(exported)
         if not (source / "config.json").is_file():
             raise ModelIOError(f"{source} is neither a cocodc run directory nor an exported model (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source).eval()
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source).eval()
+        except (OSError, ValueError) as err:
+            raise ModelIOError(f"{source}: transformers cannot load it ({str(err).splitlines()[0][:200]})") from None
+    ids = torch.tensor([tokenizer(prompt).input_ids])  # its special tokens as training had them (a BOS)
     if ids.shape[1] == 0:
         raise ModelIOError("--prompt is empty")
     torch.manual_seed(seed)

@@ -512,9 +512,9 @@ class Trainer:
             self.model, self.optimizer, mode, self.data.loader, self.totals, self.topology.ranks_per_region
         )
         checkpointer = Checkpointer(self.config, self.topology, self.world, parts)
-        if self.start_step:
-            checkpointer.restore(self.start_step)
-        try:
+        try:  # the metrics (and wandb's run) are closed whatever happens from here
+            if self.start_step:
+                checkpointer.restore(self.start_step)
             mode.join(self)
             self._announce(mode)
             return self._loop(mode, checkpointer, stop_at)

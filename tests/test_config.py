@@ -197,6 +197,7 @@ FEDERATED, SPLIT = "configs/federated.yaml", "configs/split.yaml"
         (FEDERATED, ["data.source=hf:some/corpus"], "mode federated deals a local corpus's domains to clients"),
         (FEDERATED, ["devices.step_s=-1"], "config key 'devices.step_s' must not be negative; got -1"),
         (SPLIT, ["federated.lora_rank=4"], "federated.lora_rank is for mode federated: mode split trains every"),
+        (SPLIT, ["model.tie_embeddings=true"], "model.tie_embeddings with split.shape two would put the embedding"),
         (SPLIT, ["wan.latency_ms=5"], "the wan section links regions; the split mode's links are the devices"),
         (SPLIT, ["data.source=hf:some/corpus"], "mode split deals a local corpus's domains to workers"),
     ],

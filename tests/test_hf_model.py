@@ -131,3 +131,12 @@ def test_a_transformers_model_fine_tuned_with_lora_in_the_federated_mode_exports
         theirs = PeftModel.from_pretrained(theirs, out / "adapter") if flags else theirs
         with torch.no_grad():
             assert (theirs.eval()(tokens).logits - adapted.eval()(tokens)).abs().max() < 1e-5
+
+
+def test_sync_blocks_names_a_transformers_models_layers(tmp_path):
+    llama(tmp_path)
+    wrapped = build_hf_model(str(tmp_path), 256, "model.layers", "none")
+    assert wrapped.blocks is wrapped.hf.model.layers
+    assert [len(f.names) for f in split_model(wrapped, 2, "strided", "model.layers")] == [19, 20]
+    with pytest.raises(ConfigError, match="has no module 'model.blocks'"):
+        build_hf_model(str(tmp_path), 256, "model.blocks", "none")

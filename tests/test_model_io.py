@@ -12,7 +12,15 @@ from cocodc import checkpoint
 from cocodc.config import ConfigError, RopeScalingConfig, load_config
 from cocodc.data import BPETokenizer, ByteTokenizer, load_domains
 from cocodc.model import Transformer
-from cocodc.model_io import byte_unicode, check_init_from, hf_tokenizer, merged_lora, save_adapter, save_hf
+from cocodc.model_io import (
+    byte_unicode,
+    check_init_from,
+    hf_tokenizer,
+    merged_lora,
+    run_config,
+    save_adapter,
+    save_hf,
+)
 from cocodc.sync.fragments import split_model
 
 from conftest import FAST, TINY, cocodc, one_line_error, overrides
@@ -198,3 +206,22 @@ def test_lora_adapters_export_as_a_peft_adapter_of_the_exported_base(tmp_path):
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (theirs(tokens).logits - adapted(tokens)).abs().max() < 1e-5
+
+
+def test_a_run_is_read_where_it_lies_and_as_an_older_cocodc_wrote_it(tmp_path):
+    saved = load_config(TINY).to_dict()
+    saved["run"] = {"dir": "somewhere/else", "name": "old"}
+    saved["federated"]["init_from"] = ""  # a key of the cocodc that wrote it, since moved
+    saved["data"]["tokenizer"] = "hf:/gone/since"  # a file it named, moved since
+    run = tmp_path / "moved"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    config = run_config(run)
+    assert config.run_dir == run and config.model.init_from == ""
+
+
+def test_a_model_to_start_from_with_another_rotary_base_is_named(tmp_path):
+    exported(tmp_path)
+    shape = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "train.seq_len=32"]
+    with pytest.raises(ConfigError, match="its config.json has rope_theta=10000.0 where this config has 500000.0"):
+        check_init_from(load_config(TINY, [*shape, "model.rope_theta=500000", f"model.init_from={tmp_path / 'hf'}"]))

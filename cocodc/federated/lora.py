@@ -12,6 +12,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from cocodc.config import ConfigError
 from cocodc.sync.fragments import find_blocks
 
 
@@ -37,8 +38,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Modu
         alpha = 2.0 * rank
     if any(isinstance(module, LoraLayer) for module in model.modules()):
         raise ValueError("model already has LoRA adapters")
+    targets = lora_targets(model)
+    if not targets:
+        raise ConfigError(f"federated.lora_rank: {type(model).__name__}'s blocks have no Linear layer to adapt")
     base = list(model.parameters())
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=lora_targets(model))
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets)
     model = inject_adapter_in_model(config, model)
     # peft already freezes non-adapter weights; done explicitly so the guarantee does not rest on its defaults.
     for param in base:

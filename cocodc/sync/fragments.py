@@ -1,8 +1,8 @@
 """Split a model into fragments: the units the outer sync sends one at a time.
 
 A model is split by groups of its blocks, `strided` (fragment p holds blocks p, p + P, p + 2P, ...)
-or `sequential` (contiguous runs). Its blocks are its `blocks` ModuleList, the ModuleList a dotted
-path names (sync.blocks: "model.layers"), or else found: the ModuleList of repeated modules of one
+or `sequential` (contiguous runs). Its blocks are its own `blocks` ModuleList, else the ModuleList a
+dotted path names (sync.blocks: "model.layers"), or else found: the ModuleList of repeated modules of one
 type that holds the most parameters (a transformers model's decoder layers). Parameters outside
 the blocks follow their neighbours: those registered before the first block (the embedding) join
 block 0's fragment, those after the last block (final norm, output head) join the last block's
@@ -42,6 +42,8 @@ def block_groups(n_blocks: int, count: int, pattern: str) -> list[list[int]]:
 
 def find_blocks(model: nn.Module, path: str = "") -> nn.ModuleList:
     """The model's repeated blocks (see the module's docstring); ValueError if it has none."""
+    if isinstance(getattr(model, "blocks", None), nn.ModuleList):  # its own (a wrapper's applies `path` itself)
+        return model.blocks
     if path:
         try:
             blocks = model.get_submodule(path)
@@ -50,8 +52,6 @@ def find_blocks(model: nn.Module, path: str = "") -> nn.ModuleList:
         if not isinstance(blocks, nn.ModuleList):
             raise ValueError(f"{path!r} in {type(model).__name__} is a {type(blocks).__name__}, not a ModuleList")
         return blocks
-    if isinstance(getattr(model, "blocks", None), nn.ModuleList):
-        return model.blocks
     repeated = [
         module
         for module in model.modules()
