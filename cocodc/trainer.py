@@ -520,10 +520,10 @@ class Trainer:
             return self._loop(mode, checkpointer, stop_at)
         except (CommError, Interrupted) as err:
             raise self._rescue(checkpointer, mode, err) from None
-        except RuntimeError as err:  # a collective that DDP runs inside backward, not through an engine
+        except RuntimeError as err:  # the backend's own word, from a collective no engine ran (or wrapped)
             if not backend_failure(err):
                 raise
-            lost = CommError(f"a collective inside DDP failed: {first_line(err)}")
+            lost = CommError(f"a collective outside the comm engine failed: {first_line(err)}")
             raise self._rescue(checkpointer, mode, lost) from None
         finally:
             self.metrics.close()

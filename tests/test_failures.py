@@ -78,10 +78,12 @@ def finish(launcher: subprocess.Popen, run: Path, bound: float) -> str:
     return stderr
 
 
-# A survivor either finds its peer lost (and names the group, its members, what failed) or is stopped
-# by torchrun first, which stops every worker once one has failed (during a checkpoint save, say).
+# A survivor either finds its peer lost (and names the group, its members, what failed), hears it
+# from the backend in a collective no engine ran (which names no group), or is stopped by torchrun
+# first, which stops every worker once one has failed (during a checkpoint save, say).
 RANK_LINE = re.compile(
-    r"cocodc: error: (.+ on the [\w-]+ group \([^)]+\).*|stopped by SIGTERM) at step (?P<step>\d+); "
+    r"cocodc: error: (.+ on the [\w-]+ group \([^)]+\).*|a collective outside the comm engine failed: .*"
+    r"Connection (closed|reset) by peer.*|stopped by SIGTERM) at step (?P<step>\d+); "
     r"this rank's state is in "
     r"(?P<rescue>\S+/rescue/rank(?P<rank>\d+)-step(?P=step)\.pt); the last complete checkpoint is step (?P<last>\d+) "
     r"\(--resume continues it\)"
