@@ -98,13 +98,8 @@ def llama_state(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str,
             theirs + "self_attn.q_proj.weight": _half_split(q, heads),
             theirs + "self_attn.k_proj.weight": _half_split(k, kv),
             theirs + "self_attn.v_proj.weight": v,
-            theirs + "self_attn.o_proj.weight": state[ours + "attn.out.weight"],
-            theirs + "mlp.gate_proj.weight": state[ours + "ffn.gate.weight"],
-            theirs + "mlp.up_proj.weight": state[ours + "ffn.up.weight"],
-            theirs + "mlp.down_proj.weight": state[ours + "ffn.down.weight"],
-            theirs + "input_layernorm.weight": state[ours + "attn_norm.weight"],
-            theirs + "post_attention_layernorm.weight": state[ours + "ffn_norm.weight"],
         }
+        out |= {theirs + name: state[ours + our_name] for our_name, name in _LAYER_NAMES.items()}
     return {name: tensor.detach().float().contiguous() for name, tensor in out.items()}
 
 
