@@ -243,6 +243,7 @@ class ShardLoader:
                 "data.dirichlet_alpha"
             )
         self.sequences, self.indices, self.batch_size, self.seed = sequences, indices, batch_size, seed
+        self.owner = owner
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order()
 
@@ -252,6 +253,8 @@ class ShardLoader:
     def next_batch(self, size: int | None = None) -> torch.Tensor:
         """The next `size` (train.batch_size unless given) sequences of this epoch's order."""
         size = self.batch_size if size is None else size
+        if size > len(self._order):
+            raise ValueError(f"{self.owner}: a batch of {size} sequences asked of a shard of {len(self._order)}")
         if self.position + size > len(self._order):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._epoch_order()

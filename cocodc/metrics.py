@@ -242,8 +242,18 @@ class Metrics:
                 clients = ", ".join(map(str, record[key]))
                 self.print(f"round {record['round']:>5} | client(s) {clients} {why}: left out of the aggregate")
         if self.wandb is not None:
-            values = {k: len(v) if isinstance(v, list) else v for k, v in record.items()}
-            charted = {f"round/{k}": v for k, v in values.items() if k not in ("round", "kind")}
+            import wandb  # started already: _start_wandb imported it
+
+            charted: dict[str, Any] = {}
+            for key, value in record.items():
+                if isinstance(value, list):  # the clients left out: how many
+                    charted[f"round/{key}"] = len(value)
+                elif isinstance(value, dict):  # the per-client losses: a histogram per round, of the finite
+                    finite = [v for v in value.values() if math.isfinite(v)]
+                    if finite:
+                        charted[f"round/{key}"] = wandb.Histogram(finite)
+                elif key not in ("round", "kind"):
+                    charted[f"round/{key}"] = value
             self.wandb.log({"round": record["round"], **charted})
 
     def _split(self, record: dict[str, Any]) -> None:

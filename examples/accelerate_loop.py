@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -36,8 +37,19 @@ def eval_loss(accelerator: Accelerator, model: torch.nn.Module, batches: list[to
     return accelerator.reduce(loss, reduction="mean").item()
 
 
+def refuse(why: str, out: Path | str = "runs/acc") -> NoReturn:
+    """One line on what is wrong and the commands that run the example."""
+    print(
+        f"accelerate_loop: {why}. Run: torchrun --standalone --nproc-per-node 2 examples/accelerate_loop.py --out "
+        f"{out} (on GPUs: accelerate launch --num_processes 2 examples/accelerate_loop.py --out {out})",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.error = refuse  # a bad argument: one line with the launch command, not argparse's usage
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--method", choices=["streaming", "cocodc"], default="cocodc")
     parser.add_argument("--steps", type=int, default=48, help="optimizer steps")
@@ -50,13 +62,11 @@ def main() -> None:
     accelerator = Accelerator(gradient_accumulation_steps=args.accumulate, cpu=not torch.cuda.is_available())
     region, regions = accelerator.process_index, accelerator.num_processes
     if regions < 2:
-        print(
-            f"accelerate_loop: {regions} process, but it needs one per region (at least 2); accelerate launch starts "
-            "one on a CPU-only machine. Run: torchrun --standalone --nproc-per-node 2 examples/accelerate_loop.py "
-            f"--out {args.out} (on GPUs: accelerate launch --num_processes 2 examples/accelerate_loop.py --out ...)",
-            file=sys.stderr,
+        refuse(
+            f"{regions} process, but it needs one per region (at least 2); accelerate launch starts one on a "
+            "CPU-only machine",
+            args.out,
         )
-        sys.exit(2)
     torch.manual_seed(0)
     data = load_rank_data(DataConfig(), ByteTokenizer(), seed=0, batch_size=8, seq_len=64, eval_batch_count=4,
                           regions=regions, ranks_per_region=1, rank=region)  # fmt: skip

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,16 @@ def eval_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return loss.item() / dist.get_world_size()
 
 
+def refuse(why: str, out: Path | str = "runs/plain") -> NoReturn:
+    """One line on what is wrong and the command that runs the example."""
+    launch = f"torchrun --standalone --nproc-per-node 2 examples/plain_torch.py --out {out}"
+    print(f"plain_torch: {why}. Run: {launch}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.error = refuse  # a bad argument: one line with the launch command, not argparse's usage
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--method", choices=["streaming", "cocodc"], default="streaming")
     parser.add_argument("--steps", type=int, default=48)
@@ -45,12 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        print(
-            "plain_torch: it needs one process per region (at least 2), started by torchrun. Run: torchrun "
-            f"--standalone --nproc-per-node 2 examples/plain_torch.py --out {args.out}",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        refuse("it needs one process per region (at least 2), started by torchrun", args.out)
     dist.init_process_group("gloo")
     region, regions = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

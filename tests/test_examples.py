@@ -49,14 +49,16 @@ def test_accumulated_micro_batches_count_one_inner_step(tmp_path, accumulate):
 
 
 @pytest.mark.parametrize("example", ["plain", "accelerate"])
-def test_one_process_is_told_how_to_launch(tmp_path, example):
-    # What `python example.py` or `accelerate launch --cpu` starts: a single process.
+@pytest.mark.parametrize(
+    ("args", "why"), [(("--out", "{out}"), "it needs one"), ((), "the following arguments are required: --out")]
+)
+def test_one_process_or_a_bad_argument_is_told_how_to_launch(tmp_path, example, args, why):
+    # What `python example.py` or `accelerate launch --cpu` starts: a single process; or no --out.
     env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK")}
-    result = subprocess.run([sys.executable, str(EXAMPLES[example]), "--out", str(tmp_path)], capture_output=True,
-                            text=True, timeout=120, env=env)  # fmt: skip
+    command = [sys.executable, str(EXAMPLES[example]), *(a.format(out=tmp_path) for a in args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr
-    assert (
-        f"Run: torchrun --standalone --nproc-per-node 2 examples/{EXAMPLES[example].name} --out {tmp_path}" in lines[0]
-    )
+    assert len(lines) == 1 and "Traceback" not in result.stderr and why in lines[0]
+    out = tmp_path if args else "runs/plain" if example == "plain" else "runs/acc"
+    assert f"Run: torchrun --standalone --nproc-per-node 2 examples/{EXAMPLES[example].name} --out {out}" in lines[0]

@@ -61,14 +61,17 @@ def test_round_arrivals_by_hand():
     assert [(a.client, a.trained_at, a.arrived_at) for a in arrivals] == [(1, 1.5, 1.75), (0, 3.0, 4.0)]
 
 
-def test_the_server_waits_for_every_update_that_comes_to_the_deadline_at_most():
+def test_the_server_waits_for_every_update_to_the_deadline_and_for_a_failed_client_to_it():
     arrivals = [Arrival(0, 0.5, 1.0), Arrival(1, 2.0, 3.0), Arrival(2, 4.0, 5.0)]
-    # Client 2 failed (no update comes); an update that comes but is not finite is waited for all the
-    # same (the server knows it only once received), so `failed` never lists one.
-    assert server_wait_s(arrivals, failed=[2], deadline_s=0.0) == 3.0
+    # Without a deadline the server waits for every update, a failed client's until it was due (the
+    # caller times it as if sent): nothing tells the server of a failure before then.
     assert server_wait_s(arrivals, failed=[], deadline_s=0.0) == 5.0
+    assert server_wait_s(arrivals[:2], failed=[1], deadline_s=0.0) == 3.0
     assert server_wait_s(arrivals, failed=[], deadline_s=4.0) == 4.0  # client 2 is late
-    assert server_wait_s(arrivals, failed=[0, 1, 2], deadline_s=4.0) == 0.0
+    assert server_wait_s(arrivals, failed=[], deadline_s=6.0) == 5.0
+    # A failed client costs the whole deadline, though every other update is in at 3 s.
+    assert server_wait_s(arrivals[:2], failed=[0], deadline_s=4.0) == 4.0
+    assert server_wait_s(arrivals, failed=[0, 1, 2], deadline_s=4.0) == 4.0  # a round of failures is not free
 
 
 def test_round_arrivals_queue_at_a_slow_server():

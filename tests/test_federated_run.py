@@ -9,11 +9,12 @@ import torch
 
 from cocodc.checkpoint import load_rank, read_region
 from cocodc.config import load_config
+from cocodc.data import ByteTokenizer, load_client_data
 from cocodc.devices import DeviceProfiles
 from cocodc.federated.clients import round_arrivals, sample_clients
 from cocodc.federated.lora import add_lora
 from cocodc.metrics import read_records
-from cocodc.model import Transformer
+from cocodc.model import Transformer, lm_loss
 
 from conftest import FAST, REPO, cocodc, one_line_error, overrides
 from wandb_log import summarize
@@ -84,6 +85,24 @@ def test_failing_nan_and_late_clients_are_left_out_and_the_rounds_go_on(tmp_path
     assert first["failed"] == [raises] and first["not_finite"] == [sends_nan]
     assert first["late"] == [slow] and first["accepted"] == [fast]
     assert first["modelled_s"] == deadline  # the server waited to the deadline for the late one
+    # Each client that trained evaluated the global model (round 1: the initial one) on its first
+    # batch before training: recomputed here in plain torch.
+    shards, _ = load_client_data(
+        config.data,
+        ByteTokenizer(),
+        clients=f.clients,
+        seed=config.seed,
+        batch_size=config.train.batch_size,
+        seq_len=config.train.seq_len,
+        eval_batch_count=1,
+    )
+    initial = Transformer(config.model, 256, config.train.seq_len, seed=config.seed)
+    with torch.no_grad():
+        expected = {str(c): lm_loss(initial, shards.loader(c).next_batch()).item() for c in (sends_nan, fast, slow)}
+    assert first["client_eval_loss"].keys() == expected.keys()
+    for client, value in expected.items():
+        assert first["client_eval_loss"][client] == pytest.approx(value, abs=1e-5)
+    assert first["client_train_loss"].keys() == expected.keys()
     summary = json.loads((run / "summary.json").read_text())
     rounds = [r for r in records if r["kind"] == "round"]
     assert summary["method"] == "fedavg" and summary["rounds"] == len(rounds) == 4
@@ -98,6 +117,9 @@ def test_failing_nan_and_late_clients_are_left_out_and_the_rounds_go_on(tmp_path
     assert server["metrics"]["round/*"] == "round" and server["metrics"]["eval/*"] == "round"
     logged = [h for h in server["history"] if "round/accepted" in h]
     assert [(h["round"], h["round/accepted"], h["round/late"]) for h in logged][0] == (1, 1, 1)
+    # The per-client losses: a histogram per round (wandb stores its parts as nested keys).
+    assert logged[0]["round/client_eval_loss/_type"] == "histogram"
+    assert sum(logged[0]["round/client_eval_loss/values"]) == 3
 
 
 def test_resume_mid_run_is_bit_identical(tmp_path):
@@ -140,8 +162,8 @@ def test_lora_fine_tuning_sends_only_the_adapters(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "lora" / "summary.json").read_text())
     assert summary["trained_parameters"] == adapters
-    # Per client: the info message (a 96-byte header, 3 float64) and the fp32 update (header, body).
-    per_client = 96 + 3 * 8 + 96 + 4 * adapters
+    # Per client: the info message (a 96-byte header, 4 float64) and the fp32 update (header, body).
+    per_client = 96 + 4 * 8 + 96 + 4 * adapters
     rounds = [r for r in read_records(tmp_path / "lora" / "metrics.jsonl") if r["kind"] == "round"]
     assert [r["bytes_up"] for r in rounds] == [4 * per_client] * 4
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]

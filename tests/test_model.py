@@ -1,4 +1,6 @@
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -149,12 +151,17 @@ def test_a_model_built_on_the_meta_device_starts_bit_identical():
 
 
 @pytest.mark.slow  # inductor compiles the block on this CPU: tens of seconds
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc")) is None, reason="inductor needs a C compiler (none found as $CC or cc)"
+)
 def test_compiled_blocks_train_as_eager_ones():
+    from cocodc.train import build_model
+
     def train(compiled: bool) -> list[float]:
-        model = _small(seed=1)
-        if compiled:
-            for block in model.blocks:
-                block.compile()
+        shape = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "train.seq_len=16"]
+        config = load_config(REPO / "configs" / "tiny.yaml", [*shape, f"train.compile={compiled}"])
+        model = build_model(config, 64, torch.device("cpu"))  # as a run builds it: train.compile
+        assert all((block._compiled_call_impl is not None) == compiled for block in model.blocks)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses = []
         for step in range(3):

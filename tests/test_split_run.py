@@ -13,7 +13,7 @@ from cocodc.config import load_config
 from cocodc.data import ByteTokenizer, ShardLoader, load_client_data
 from cocodc.metrics import read_records
 from cocodc.model import Transformer, lm_loss
-from cocodc.split.plan import on_worker
+from cocodc.split.plan import on_worker, serving_order
 
 from conftest import FAST, REPO, cocodc, one_line_error, overrides
 
@@ -106,21 +106,30 @@ def test_merged_features_equal_training_on_the_concatenated_batch(tmp_path):
             assert torch.equal(other[name], trained[name])  # aggregate_every 1: the bottoms stay one
 
 
-def test_the_u_shape_keeps_the_labels_on_the_workers(tmp_path):
+def test_the_u_shape_keeps_the_labels_on_the_workers_and_every_byte_is_counted(tmp_path):
     config = load_config(CONFIG, BASE)
     b, t, d = config.train.batch_size, config.train.seq_len, config.model.d_model
     header = 96
-    sent = {}
+    sent, received, part = {}, {}, {}
     for shape in ("two", "u"):
         result = train(tmp_path, shape, f"split.shape={shape}", "split.batch_regulation=false")
         assert result.returncode == 0, result.stderr[-4000:]
         records = [r for r in read_records(tmp_path / shape / "metrics.jsonl") if r["kind"] == "split"]
         sent[shape] = {w for r in records for w in r["bytes_up"]}
+        received[shape] = {w for r in records for w in r["bytes_down"]}
+        model = Transformer(config.model, 256, t)
+        part[shape] = 4 * sum(p.numel() for n, p in model.named_parameters() if on_worker(n, config.split.cut, shape))
+        summary = json.loads((tmp_path / shape / "summary.json").read_text())
+        assert summary["bytes_up"] == sum(sum(r["bytes_up"]) for r in records)
     activations = header + 4 * b * t * d
     # two-part: activations and int64 labels; u: activations, the gradient of the server's output
-    # and the loss (one float64), and no labels.
-    assert sent["two"] == {activations + header + 8 * b * t}
-    assert sent["u"] == {2 * activations + header + 8}
+    # and the loss (one float64), and no labels. With aggregate_every 1 every worker's part's
+    # gradient goes up and their mean comes back at every step, fp32.
+    assert sent["two"] == {activations + header + 8 * b * t + part["two"]}
+    assert sent["u"] == {2 * activations + header + 8 + part["u"]}
+    # Down: the gradient of the activations (u: and the server's output), and the part's mean.
+    assert received["two"] == {activations + part["two"]}
+    assert received["u"] == {2 * activations + part["u"]}
 
 
 def test_failing_and_nan_workers_are_left_out_and_batches_are_regulated(tmp_path):
@@ -149,13 +158,18 @@ def test_failing_and_nan_workers_are_left_out_and_batches_are_regulated(tmp_path
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
 
 
-def test_a_u_shaped_worker_whose_head_fails_is_left_out(tmp_path):
+def test_a_u_shaped_worker_whose_head_fails_is_left_out_and_splitfed_serves_in_arrival_order(tmp_path):
     # Its loss is NaN: it sends no gradient, the server gives its rows none and replies with nothing.
-    result = train(tmp_path, "head", "split.shape=u", env={"COCODC_FAULTS": "head_nan:3"})
+    settings = ("split.shape=u", "split.merge=false", "split.batch_regulation=false")
+    result = train(tmp_path, "head", *settings, env={"COCODC_FAULTS": "head_nan:3"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "step 1: worker 3's head failed: its loss or gradient is not finite" in result.stderr
-    records = read_records(tmp_path / "head" / "metrics.jsonl")
-    assert all(r["excluded"] == [3] for r in records if r["kind"] == "split")
+    records = [r for r in read_records(tmp_path / "head" / "metrics.jsonl") if r["kind"] == "split"]
+    assert all(r["excluded"] == [3] for r in records)
+    # SplitFed v2 takes the workers as their activations arrive on the modelled links, which this
+    # seed's devices put out of index order.
+    assert all(r["served"] == serving_order(r["arrived_s"]) for r in records)
+    assert all(r["served"] != [0, 1, 2, 3] for r in records)
     summary = json.loads((tmp_path / "head" / "summary.json").read_text())
     assert math.isfinite(summary["final_eval_loss"]) and summary["final_eval_loss"] < summary["initial_eval_loss"]
 

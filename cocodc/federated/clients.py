@@ -77,7 +77,11 @@ def round_arrivals(
 
 
 def server_wait_s(arrivals: Sequence[Arrival], failed: Collection[int], deadline_s: float) -> float:
-    """How long the server waits in a round: for every update that comes (a non-finite one is
-    known as such only once received), to the deadline at most (`deadline_s` 0: none)."""
-    last = max((a.arrived_at for a in arrivals if a.client not in failed), default=0.0)
-    return min(last, deadline_s) if deadline_s else last
+    """How long the server waits in a round: for every update (a non-finite one is known as such
+    only once received), to the deadline at most (`deadline_s` 0: none). A client that failed
+    sends nothing the server could see: it waits for it to the deadline, or, with none, until the
+    update was due (its arrival as if it had been sent)."""
+    last = max((a.arrived_at for a in arrivals), default=0.0)
+    if not deadline_s:
+        return last
+    return deadline_s if failed else min(last, deadline_s)

@@ -24,15 +24,17 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from cocodc.comm import CommEngine, Handle
+from cocodc.comm.codec import get_codec
 from cocodc.config import Config, ConfigError
 from cocodc.data import ClientShards
 from cocodc.devices import DeviceProfiles
 from cocodc.federated.clients import executor_of, round_arrivals, sample_clients, server_wait_s
 from cocodc.federated.strategies import build_strategy, proximal_term, weighted_mean
 from cocodc.memory import storage_bytes, tensors_in
+from cocodc.model import lm_loss
 from cocodc.modes.faults import FAULTS_ENV, parse_faults
 from cocodc.topology import Topology
-from cocodc.trainer import Stateful, Trainer, lr_at
+from cocodc.trainer import Stateful, Trainer, autocast_for, lr_at
 
 SERVER = 0
 OK, FAILED = 0.0, 1.0
@@ -122,13 +124,13 @@ class FederatedMode:
             if executor_of(position, executors) != me:
                 continue
             try:
-                update, loss, seconds = self._train_client(trainer, server_round, client)
+                update, loss, eval_loss, seconds = self._train_client(trainer, server_round, client)
             except Exception as err:  # a client's failure is the round's news, not the executor's end
                 print(f"cocodc: round {server_round}: client {client} failed: {err}", file=sys.stderr, flush=True)
-                info, update = torch.tensor([0.0, math.nan, FAILED], dtype=torch.float64), torch.empty(0)
+                info, update = torch.tensor([0.0, math.nan, FAILED, math.nan], dtype=torch.float64), torch.empty(0)
                 codec = None
             else:
-                info = torch.tensor([self.shards.examples(client), loss, OK], dtype=torch.float64)
+                info = torch.tensor([self.shards.examples(client), loss, OK, eval_loss], dtype=torch.float64)
                 codec, compute_s = self.federation.quantize, compute_s + seconds
                 losses.append(loss)
             sends.append(self.wan.send(info, SERVER, tag=position))
@@ -137,8 +139,12 @@ class FederatedMode:
             handle.wait()
         return (sum(losses) / len(losses) if losses else math.nan), compute_s
 
-    def _train_client(self, trainer: Trainer, server_round: int, client: int) -> tuple[torch.Tensor, float, float]:
-        """`local_steps` AdamW steps of `client` from the global model: (update, mean loss, compute s)."""
+    def _train_client(
+        self, trainer: Trainer, server_round: int, client: int
+    ) -> tuple[torch.Tensor, float, float, float]:
+        """`local_steps` AdamW steps of `client` from the global model: (update, mean loss, the
+        global model's loss on the client's first batch, compute s). That loss, taken before the
+        client trains, is the client-side evaluation of the global model."""
         f, start = self.federation, self.global_model.vector
         self.global_model.load_into_model()
         trainer.optimizer.state.clear()  # every client starts a fresh AdamW, as Flower's clients do
@@ -146,6 +152,9 @@ class FederatedMode:
         anchor = [p.detach().clone() for p in self.params] if f.proximal_mu else None
         fault = self.faults.get(client)
         losses, compute_s = [], 0.0
+        first = loader.next_batch()
+        with torch.no_grad(), autocast_for(self.config, trainer.device):
+            eval_loss = lm_loss(self.train_model, first.to(trainer.device)).item()
         for local in range(1, f.local_steps + 1):
             if fault == "raise":
                 raise RuntimeError(f"injected by {FAULTS_ENV}")
@@ -156,13 +165,13 @@ class FederatedMode:
             if fault == "nan":  # a term whose gradient is NaN everywhere, as a diverging client's
                 penalty = lambda: math.nan * sum(p.sum() for p in self.params)  # noqa: E731
             loss, seconds = trainer.inner_step(
-                self.train_model, self.wan, batch=loader.next_batch(), lr=lr, penalty=penalty
+                self.train_model, self.wan, batch=first if local == 1 else loader.next_batch(), lr=lr, penalty=penalty
             )
             losses.append(loss)
             compute_s += seconds
         trainer.optimizer.state.clear()
         update = parameters_to_vector(self.params).detach().float() - start
-        return update, sum(losses) / len(losses), compute_s
+        return update, sum(losses) / len(losses), eval_loss, compute_s
 
     def _serve(self, server_round: int, sampled: list[int]) -> float:
         """Receive the round's updates, time them on the modelled links, aggregate what counts."""
@@ -172,10 +181,14 @@ class FederatedMode:
             src = executor_of(position, executors)
             pending.append((self.wan.recv(src, tag=position), self.wan.recv(src, tag=position)))
         infos, updates, upload_bytes = [], [], []
+        # A failed client's update is timed as if it had been sent: the server cannot tell the
+        # silence of a failure from a slow upload before the update was due.
+        update_bytes = get_codec(f.quantize).encoded_bytes(self.global_model.vector.numel())
         for info_handle, update_handle in pending:
             infos.append(info_handle.wait().tolist())
             updates.append(update_handle.wait())
-            upload_bytes.append(info_handle.bytes_received + update_handle.bytes_received)
+            unsent = update_bytes if infos[-1][2] == FAILED else 0
+            upload_bytes.append(info_handle.bytes_received + update_handle.bytes_received + unsent)
         download_bytes = self.global_model.vector.numel() * 4
         arrivals = round_arrivals(
             self.profiles,
@@ -187,7 +200,7 @@ class FederatedMode:
             server_bandwidth_mbps=self.config.devices.server_bandwidth_mbps,
         )
         failed, not_finite, late, accepted = [], [], [], []
-        for client, (examples, _, status), update, arrival in zip(sampled, infos, updates, arrivals, strict=True):
+        for client, (examples, _, status, _), update, arrival in zip(sampled, infos, updates, arrivals, strict=True):
             if status == FAILED:
                 failed.append(client)
             elif not torch.isfinite(update).all():
@@ -217,6 +230,9 @@ class FederatedMode:
             "bytes_down": download_bytes * len(sampled),
             "modelled_s": modelled_s,
             "train_loss": loss,
+            # Each client's: the global model's loss on its data before it trained, and its training loss.
+            "client_eval_loss": {str(c): info[3] for c, info in zip(sampled, infos, strict=True) if info[2] == OK},
+            "client_train_loss": {str(c): info[1] for c, info in zip(sampled, infos, strict=True) if info[2] == OK},
         }
         self.records.append(record)
         t = self.totals

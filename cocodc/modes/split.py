@@ -34,13 +34,22 @@ from torch import nn
 
 from cocodc.comm import CommEngine, Handle
 from cocodc.comm.codec import get_codec
-from cocodc.config import Config
+from cocodc.comm.wan import AccessLinks
+from cocodc.config import Config, ConfigError
 from cocodc.data import ClientShards, ShardLoader
 from cocodc.devices import DeviceProfiles
 from cocodc.federated.clients import executor_of
 from cocodc.memory import storage_bytes, tensors_in
 from cocodc.modes.faults import FAULTS_ENV, parse_faults
-from cocodc.split.plan import activation_arrivals, gradients_back, on_worker, per_sequence_s, regulate_batches
+from cocodc.split.plan import (
+    activation_arrivals,
+    gradients_back,
+    on_worker,
+    part_sync,
+    per_sequence_s,
+    regulate_batches,
+    serving_order,
+)
 from cocodc.topology import Topology
 from cocodc.trainer import Stateful, Trainer, autocast_for, inner_optimizer, lr_at
 
@@ -120,7 +129,11 @@ class SplitMode:
             per_sequence = per_sequence_s(
                 self.profiles, config.train.batch_size, config.devices.step_s, self._activation_bytes(1)
             )
-            self.sizes = regulate_batches(total, per_sequence)
+            capacity = [len(shards.shards[w]) for w in range(sp.workers)]
+            try:
+                self.sizes = regulate_batches(total, per_sequence, capacity)
+            except ValueError as err:
+                raise ConfigError(f"split.batch_regulation: {err}") from None
             self.regulated = {"per_sequence_s": per_sequence}
         self.workers: dict[int, Worker] = {}
         if self.is_server:
@@ -184,7 +197,8 @@ class SplitMode:
         losses, waiting = {}, list(self.workers)
         if sp.shape == "u":
             waiting = []
-            for w in self.workers:
+            order = self.wan.recv(SERVER, tag=sp.workers).wait().tolist()  # the server's: see _serve
+            for w in (w for w in order if w in self.workers):
                 hidden = self.wan.recv(SERVER, tag=w, device=trainer.device).wait()
                 if hidden.numel() == 0:
                     continue
@@ -279,12 +293,33 @@ class SplitMode:
             )
             for w in range(sp.workers)
         }
-        groups = [list(range(sp.workers))] if sp.merge else [[w] for w in range(sp.workers)]
         # Bytes per worker of each leg of the exchange, and the server's measured compute per group
         # (its forward, and the rest), for the step's timeline on the modelled links.
         legs = {leg: [0] * sp.workers for leg in ("activations", "hidden", "reply", "gradient")}
+        received = {}
+        for w, handles in pending.items():
+            received[w] = [h.wait() if h is not None else None for h in handles]
+            legs["activations"][w] = sum(h.bytes_received for h in handles if h is not None)
+        arrivals, links = activation_arrivals(
+            self.profiles,
+            self.sizes,
+            batch_size=self.config.train.batch_size,
+            step_s=self.config.devices.step_s,
+            sent_bytes=legs["activations"],
+            server_bandwidth_mbps=self.config.devices.server_bandwidth_mbps,
+        )
+        # SplitFed v2 takes each worker as its activations arrive on the modelled links; the u
+        # shape's executors wait for the server's output in that order too (else one waiting for a
+        # later worker's would hold back an earlier one's reply).
+        order = serving_order(arrivals)
+        if sp.shape == "u":
+            order_tensor = torch.tensor(order, dtype=torch.int64)
+            sends = [self.wan.send(order_tensor, e, tag=sp.workers) for e in range(1, self.topology.world_size)]
+        else:
+            sends = []
+        groups = [list(range(sp.workers))] if sp.merge else [[w] for w in order]
         timeline: list[tuple[list[int], float, float]] = []
-        excluded, losses, sends = [], [], []
+        excluded, losses = [], []
 
         def send(w: int, tensor: torch.Tensor, leg: str, codec: str | None = None) -> None:
             sends.append(self.wan.send(tensor, executor[w], tag=w, codec=codec))
@@ -293,9 +328,7 @@ class SplitMode:
         for group in groups:
             inputs, labels, members = [], [], []
             for w in group:
-                x = pending[w][0].wait()
-                y = pending[w][1].wait() if pending[w][1] is not None else None
-                legs["activations"][w] += sum(h.bytes_received for h in pending[w] if h is not None)
+                x, y = received[w]
                 if x.numel() == 0 or not torch.isfinite(x).all():
                     excluded.append(w)
                     send(w, EMPTY, "gradient")
@@ -354,7 +387,7 @@ class SplitMode:
                     send(w, gradient / weight, "gradient", sp.quantize)  # the gradient of the worker's own mean loss
         for handle in sends:
             handle.wait()
-        self._record(trainer.step, legs, timeline, excluded)
+        self._record(trainer.step, legs, (arrivals, links), timeline, excluded)
         self._step_parts(trainer, lr, included=[])
         loss = sum(n * v for n, v in losses) / sum(n for n, _ in losses) if losses else math.nan
         return loss, time.perf_counter() - began
@@ -368,28 +401,34 @@ class SplitMode:
         trainer.optimizer.zero_grad(set_to_none=True)
 
     def _record(
-        self, step: int, legs: dict[str, list[int]], timeline: list[tuple[list[int], float, float]], excluded: list[int]
+        self,
+        step: int,
+        legs: dict[str, list[int]],
+        arrived: tuple[list[float], AccessLinks],
+        timeline: list[tuple[list[int], float, float]],
+        excluded: list[int],
     ) -> None:
-        """The step's record: bytes per worker each way, and on the modelled links when every
-        worker's activations arrived and its gradient was back."""
-        d = self.config.devices
-        arrivals, links = activation_arrivals(
-            self.profiles,
-            self.sizes,
-            batch_size=self.config.train.batch_size,
-            step_s=d.step_s,
-            sent_bytes=legs["activations"],
-            server_bandwidth_mbps=d.server_bandwidth_mbps,
-        )
+        """The step's record: bytes per worker each way (activations, labels, gradients, the u
+        shape's legs and the sync of the workers' parts), and on the modelled links when every
+        worker's activations arrived and when it was done (its gradient back, its part synced)."""
+        arrivals, links = arrived
         done = gradients_back(arrivals, links, timeline, legs, u_shape=self.settings.shape == "u")
-        up = [a + r for a, r in zip(legs["activations"], legs["reply"], strict=True)]
-        down = [h + g for h, g in zip(legs["hidden"], legs["gradient"], strict=True)]
+        senders = self._part_senders(step, excluded)
+        part_bytes = 4 * self._part_numel() if senders else 0
+        done = part_sync(done, links, senders, part_bytes)
+        up = [
+            a + r + (part_bytes if w in senders else 0)
+            for w, (a, r) in enumerate(zip(legs["activations"], legs["reply"], strict=True))
+        ]
+        down = [h + g + part_bytes for h, g in zip(legs["hidden"], legs["gradient"], strict=True)]
         record = {
             "kind": "split",
             "step": step,
             "batch_sizes": list(self.sizes),
             "bytes_up": up,
             "bytes_down": down,
+            "part_sync_bytes": part_bytes,
+            "served": [w for members, _, _ in timeline for w in members],  # in the server's order
             "arrived_s": arrivals,
             "done_s": done,
             "modelled_s": max(done),
@@ -401,6 +440,14 @@ class SplitMode:
         t["bytes_down"] += sum(down)
         t["modelled_s"] += record["modelled_s"]
         t["left_out"] += len(excluded)
+
+    def _part_senders(self, step: int, excluded: list[int]) -> list[int]:
+        """The workers whose part goes into this step's sync: every included worker's gradient with
+        `aggregate_every: 1`, every worker's parameters on the k-th steps, none otherwise."""
+        k = self.settings.aggregate_every
+        if k == 1:
+            return [w for w in range(self.settings.workers) if w not in excluded]
+        return list(range(self.settings.workers)) if step % k == 0 else []
 
     # ------------------------------------------------------------------ the rest of the Mode protocol
 

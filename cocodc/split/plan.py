@@ -19,20 +19,39 @@ def on_worker(name: str, cut: int, shape: str) -> bool:
     return shape == "u"
 
 
-def regulate_batches(total: int, per_sequence_s: Sequence[float]) -> list[int]:
+def regulate_batches(total: int, per_sequence_s: Sequence[float], capacity: Sequence[int]) -> list[int]:
     """Batch sizes summing to `total`, proportional to each worker's speed (1 / its seconds per
-    sequence, compute and link), at least 1 each, so every worker's activations arrive together.
-    Largest remainders go first; ties to the lower index."""
+    sequence, compute and link), at least 1 each and at most its shard's `capacity` sequences, so
+    every worker's activations arrive together. A worker at its capacity leaves the rest to the
+    others, shared as before. Largest remainders go first; ties to the lower index."""
     count = len(per_sequence_s)
     if total < count:
         raise ValueError(f"a merged batch of {total} cannot give {count} workers a sequence each")
-    rates = [1.0 / s for s in per_sequence_s]
-    shares = [(total - count) * r / sum(rates) for r in rates]
-    sizes = [1 + int(share) for share in shares]
-    by_remainder = sorted(range(count), key=lambda w: (-(shares[w] - int(shares[w])), w))
-    for w in by_remainder[: total - sum(sizes)]:
-        sizes[w] += 1
-    return sizes
+    if total > sum(capacity):
+        raise ValueError(f"a merged batch of {total} sequences is more than the workers' shards hold ({sum(capacity)})")
+    sizes = [0] * count
+    open_workers = list(range(count))
+    while True:
+        left = total - sum(sizes[w] for w in range(count) if w not in open_workers)
+        rates = {w: 1.0 / per_sequence_s[w] for w in open_workers}
+        shares = {w: (left - len(open_workers)) * rates[w] / sum(rates.values()) for w in open_workers}
+        for w in open_workers:
+            sizes[w] = 1 + int(shares[w])
+        by_remainder = sorted(open_workers, key=lambda w: (-(shares[w] - int(shares[w])), w))
+        for w in by_remainder[: left - sum(sizes[w] for w in open_workers)]:
+            sizes[w] += 1
+        full = [w for w in open_workers if sizes[w] >= capacity[w]]
+        if not [w for w in full if sizes[w] > capacity[w]]:
+            return sizes
+        for w in full:
+            sizes[w] = capacity[w]
+        open_workers = [w for w in open_workers if w not in full]
+
+
+def serving_order(arrivals: Sequence[float]) -> list[int]:
+    """The order in which SplitFed v2's server takes the workers: as their activations arrive,
+    ties to the lower index."""
+    return sorted(range(len(arrivals)), key=lambda w: (arrivals[w], w))
 
 
 def per_sequence_s(profiles: DeviceProfiles, batch_size: int, step_s: float, bytes_per_sequence: float) -> list[float]:
@@ -91,3 +110,14 @@ def gradients_back(
         for w in members:
             done[w] = links.transfer(0, 1 + w, legs["gradient"][w], server_free)
     return done
+
+
+def part_sync(done: Sequence[float], links: AccessLinks, senders: Sequence[int], part_bytes: int) -> list[float]:
+    """When each worker holds the synced workers' part (the gradient mean, or the parameters'
+    every k steps), modelled through the server as FedAvg's exchange is: each of `senders` sends
+    its part (`part_bytes`) once its step is done, queued at the server's downlink; once the last
+    is in, the server sends the mean to every worker."""
+    if not senders:
+        return list(done)
+    gathered = max(links.transfer(1 + w, 0, part_bytes, done[w]) for w in sorted(senders, key=lambda w: (done[w], w)))
+    return [links.transfer(0, 1 + w, part_bytes, gathered) for w in range(len(done))]
