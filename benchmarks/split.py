@@ -146,6 +146,7 @@ def read_run(run_dir: Path, method: str, args: argparse.Namespace) -> dict:
         sizes_per_step=sorted({tuple(r["batch_sizes"]) for r in steps}),
         bytes_up_per_worker=[sum(r["bytes_up"][w] for r in steps) for w in range(workers)],
         bytes_down_per_worker=[sum(r["bytes_down"][w] for r in steps) for w in range(workers)],
+        part_sync_bytes=sum(r["part_sync_bytes"] for r in steps),
         excluded=sum(len(r["excluded"]) for r in steps),
         worker_steps_left_out=summary.get("worker_steps_left_out"),
         step_modelled_s=[r["modelled_s"] for r in steps],
@@ -249,9 +250,10 @@ def checks(results: dict) -> list[str]:
         if len(r["sizes_per_step"]) != 1 or sum(r["sizes_per_step"][0]) != results["workers"] * results["batch_size"]:
             found.append(f"CHECK: {r['name']}: batch sizes per step {r['sizes_per_step']}")
         sizes = r["batch_sizes"]
+        part = r["part_sync_bytes"] / r["steps"]  # the workers' parts synced, each way, a step
         for w, size in enumerate(sizes):
-            over_up = r["bytes_up_per_worker"][w] / r["steps"] - size * payload_up
-            over_down = r["bytes_down_per_worker"][w] / r["steps"] - size * payload_down
+            over_up = r["bytes_up_per_worker"][w] / r["steps"] - size * payload_up - part
+            over_down = r["bytes_down_per_worker"][w] / r["steps"] - size * payload_down - part
             # Two messages up (activations, labels) and one down, each with a small header.
             if not (0 <= over_up <= 1024 and 0 <= over_down <= 512):
                 found.append(f"CHECK: {r['name']}: worker {w} sends {over_up:+.0f} / receives {over_down:+.0f} bytes "
@@ -377,11 +379,14 @@ def report(results: dict, out: Path) -> None:
         "eval at or before it (no interpolation).",
         "Modelled time: split, per step, the workers' part at their drawn speeds (devices.step_s per "
         "train.batch_size sequences of the worker's part), their activations over their links, the server's "
-        "measured compute (real seconds on this machine), the gradients back; FedAvg, per round, the model down, "
-        "local_steps whole-model steps at devices.step_s each, the update up. The same devices.step_s stands for "
-        "a worker's bottom (embedding + 1 block) and for a client's whole model, as the mode's configs define it.",
+        "measured compute (real seconds on this machine), the gradients back, then the workers' parts synced "
+        "through the server (their gradients up and the mean down, fp32, every step); FedAvg, per round, the "
+        "model down, local_steps whole-model steps at devices.step_s each, the update up. The same "
+        "devices.step_s stands for a worker's bottom (embedding + 1 block) and for a client's whole model, as the "
+        "mode's configs define it.",
         "Bytes: per step, summed over the workers (per worker: median and min..max over workers and seeds). "
-        "Split: activations + labels up, gradients down, every step; FedAvg: the update up and the model down "
+        "Split: activations + labels up, gradients down, and the workers' part (the embedding and the first "
+        "block: their gradients) up and its mean down, every step; FedAvg: the update up and the model down "
         "once a round, divided by its local steps.",
         "Batch sizes: per worker and seed (the devices are drawn from the seed); batch regulation sizes them to "
         "the workers' speeds, keeping their sum.",

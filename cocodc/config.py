@@ -287,6 +287,9 @@ class DevicesConfig:
     latency_ms: float = 0.0  # the median device's one-way latency
     latency_spread: float = 1.0  # the longest latency over the shortest
     server_bandwidth_mbps: float = 0.0  # the server's link, shared by every device; 0: unlimited
+    edge_bandwidth_mbps: float = 0.0  # federated.groups: an edge's link to its devices, shared by them; 0: unlimited
+    cloud_bandwidth_mbps: float = 0.0  # federated.groups: an edge's link to the cloud (the server's); 0: unlimited
+    cloud_latency_ms: float = 0.0  # federated.groups: an edge's one-way latency to the cloud
 
 
 @dataclass
@@ -308,6 +311,15 @@ class FederatedConfig:
     deadline_s: float = 0.0  # modelled seconds; an update arriving later is dropped. 0: no deadline
     lora_rank: int = 0  # 0: the whole model trains and travels; r: LoRA adapters of rank r only
     lora_alpha: float | None = None  # unset: 2 x lora_rank
+    # Hierarchical (HierFedLoRA): clients in groups, each aggregated at its edge (an executor)
+    # `rounds` times per global round and tuning its top `depth` blocks; the cloud (the server)
+    # averages each parameter over the groups that tuned it. clients_per_round is dealt over the
+    # groups by size at every edge round.
+    groups: int = 0  # G; 0: flat (one server, no edges)
+    group_by: Literal["mix", "random"] = "mix"  # mix: pooled data close to the global mix; random: the ablation
+    group_rounds: int = 0  # edge aggregations per global round for every group; 0: our rule (docs/federated.md)
+    group_depth: int = 0  # the top blocks every group tunes; 0: our rule
+    group_rounds_max: int = 4  # the rule's most edge aggregations per global round
 
 
 @dataclass
@@ -493,6 +505,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     accepted = _ACCEPTED_TYPES.get(hint, ())
     if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
         return hint(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-2 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     raise ConfigError(f"config key '{key}' expects {hint.__name__}; got {value!r}")
 
 
@@ -736,14 +753,39 @@ def _validate_federated(config: Config) -> None:
         raise ConfigError("federated.lora_alpha needs a positive federated.lora_rank")
     if f.lora_rank and not config.model.init_from:
         raise ConfigError("federated.lora_rank fine-tunes a trained model: set model.init_from to it")
+    if f.groups:
+        _validate_groups(config)
     if config.wan.enabled:
         raise ConfigError("the wan section links regions; the federated mode's links are the devices section's")
     if config.data.source.startswith("hf:"):
         raise ConfigError("mode federated deals a local corpus's domains to clients; 'hf:' streams are not supported")
 
 
+def _validate_groups(config: Config) -> None:
+    f, layers = config.federated, config.model.n_layers
+    if not 0 < f.groups <= f.clients // 2:
+        raise ConfigError(
+            f"config key 'federated.groups' must be 0 (flat) or 1 .. federated.clients / 2 ({f.clients // 2}): a "
+            f"group's edge averages two clients at least; got {f.groups}"
+        )
+    if f.clients_per_round < f.groups:
+        raise ConfigError(
+            f"config key 'federated.clients_per_round' ({f.clients_per_round}) must give each of the "
+            f"{f.groups} groups a client per edge round"
+        )
+    if not 0 <= f.group_depth <= layers:
+        raise ConfigError(
+            f"config key 'federated.group_depth' must be 0 (the rule) .. model.n_layers ({layers}); got {f.group_depth}"
+        )
+    if f.group_rounds < 0:
+        raise ConfigError(f"config key 'federated.group_rounds' must not be negative; got {f.group_rounds}")
+    if f.group_rounds_max < 1:
+        raise ConfigError(f"config key 'federated.group_rounds_max' must be at least 1; got {f.group_rounds_max}")
+
+
 def _validate_devices(devices: DevicesConfig) -> None:
-    for key in ("step_s", "bandwidth_mbps", "latency_ms", "server_bandwidth_mbps"):
+    links = ("bandwidth_mbps", "latency_ms", "server_bandwidth_mbps", "edge_bandwidth_mbps", "cloud_bandwidth_mbps")
+    for key in ("step_s", *links, "cloud_latency_ms"):
         if getattr(devices, key) < 0:
             raise ConfigError(f"config key 'devices.{key}' must not be negative; got {getattr(devices, key)}")
     for key in ("speed_spread", "bandwidth_spread", "latency_spread"):

@@ -514,8 +514,16 @@ class ClientShards:
     """Every federated client's disjoint shard of a local corpus (dealt like regions' shards), and
     how many batches each has drawn: a client's next round continues its own epoch order."""
 
-    def __init__(self, sequences: np.ndarray, shards: list[np.ndarray], batch_size: int, seed: int):
+    def __init__(
+        self,
+        sequences: np.ndarray,
+        shards: list[np.ndarray],
+        batch_size: int,
+        seed: int,
+        sequence_domain: np.ndarray | None = None,
+    ):
         self.sequences, self.shards, self.batch_size, self.seed = sequences, shards, batch_size, seed
+        self.sequence_domain = np.zeros(len(sequences), dtype=np.int64) if sequence_domain is None else sequence_domain
         self.batches_done = [0] * len(shards)
         for client, shard in enumerate(shards):
             if len(shard) < batch_size:
@@ -524,6 +532,11 @@ class ClientShards:
     def examples(self, client: int) -> int:
         """The sequences in the client's shard: its weight in FedAvg."""
         return len(self.shards[client])
+
+    def domain_histograms(self) -> np.ndarray:
+        """(clients, domains): how many of each client's sequences come from each domain (book)."""
+        domains = int(self.sequence_domain.max()) + 1
+        return np.stack([np.bincount(self.sequence_domain[shard], minlength=domains) for shard in self.shards])
 
     def loader(self, client: int) -> ShardLoader:
         """The client's loader, where its last round left it."""
@@ -555,4 +568,4 @@ def load_client_data(
     corpus = build_corpus(load_domains(config), tokenizer, seq_len, config.eval_fraction)
     shards = region_shards(corpus.sequence_domain, clients, config.split, config.dirichlet_alpha, seed)
     evals = eval_batches(corpus.eval_sequences, eval_batch_count, batch_size, seed)
-    return ClientShards(corpus.sequences, shards, batch_size, seed), evals
+    return ClientShards(corpus.sequences, shards, batch_size, seed, corpus.sequence_domain), evals

@@ -180,6 +180,18 @@ class Metrics:
                 self._round(record)
             if record["kind"] == "split":
                 self._split(record)
+            if record["kind"] == "groups":
+                self._groups(record)
+            if record["kind"] == "group" and self.wandb is not None:
+                g = record["group"]
+                self.wandb.log(
+                    {
+                        "round": record["round"],
+                        f"group{g}/edge_s": record["edge_s"],
+                        f"group{g}/modelled_s": record["modelled_s"],
+                        f"group{g}/accepted": len(record["accepted"]),
+                    }
+                )
             if record["kind"] == "batch_sizes":
                 self.print(f"step {record['step']:>6} | batch regulation: worker batch sizes {record['sizes']}")
             if record["kind"] in ("membership", "dropped"):
@@ -232,6 +244,15 @@ class Metrics:
                     "ft/joined": len(record["joined"]),
                     "ft/quorum_s": record["quorum_s"],
                 }
+            )
+
+    def _groups(self, record: dict[str, Any]) -> None:
+        """The hierarchical mode's groups as planned: a console line each."""
+        chosen = "by the rule" if record["rule"] else "as set"
+        for g in record["groups"]:
+            self.print(
+                f"group {g['group']}: {len(g['members'])} clients, divergence {g['divergence']:.3f} | tunes the top "
+                f"{g['depth']} blocks, {g['edge_rounds']} edge rounds a round ({chosen})"
             )
 
     def _round(self, record: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from cocodc.hf_model import build_hf_model
 from cocodc.model import Transformer
 from cocodc.model_io import load_pretrained
 from cocodc.modes.federated import FederatedMode
+from cocodc.modes.hierfed import HierarchicalMode
 from cocodc.modes.regions import RegionsMode
 from cocodc.modes.split import SplitMode
 from cocodc.run_dir import build_parser
@@ -53,7 +54,10 @@ def run(config: Config, *, resume: bool = False, overwrite: bool = False, stop_a
             config.data, tokenizer, clients=clients, eval_batch_count=config.eval.batches, **data_args
         )
         data = RankData(shards, evals)
-        mode_class = FederatedMode if config.mode == "federated" else SplitMode
+        if config.mode == "federated":
+            mode_class = HierarchicalMode if config.federated.groups else FederatedMode
+        else:
+            mode_class = SplitMode
         mode = mode_class(config, topology, model, shards)
     else:
         data = load_rank_data(

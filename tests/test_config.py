@@ -194,6 +194,14 @@ FEDERATED, SPLIT = "configs/federated.yaml", "configs/split.yaml"
         (FEDERATED, ["federated.strategy=fedadam", "federated.server_tau=0"], "'federated.server_tau' must be"),
         (FEDERATED, ["federated.lora_alpha=4"], "federated.lora_alpha needs a positive federated.lora_rank"),
         (FEDERATED, ["wan.latency_ms=5"], "the wan section links regions; the federated mode's links are the devices"),
+        (FEDERATED, ["federated.groups=11"], "'federated.groups' must be 0 (flat) or 1 .. federated.clients / 2 (10)"),
+        (FEDERATED, ["federated.groups=-1"], "'federated.groups' must be 0 (flat) or 1 .. federated.clients / 2"),
+        (FEDERATED, ["federated.groups=6"], "'federated.clients_per_round' (5) must give each of the 6 groups"),
+        (FEDERATED, ["federated.groups=2", "federated.group_depth=5"], "'federated.group_depth' must be 0 (the rule)"),
+        (FEDERATED, ["federated.groups=2", "federated.group_rounds=-1"], "'federated.group_rounds' must not be"),
+        (FEDERATED, ["federated.groups=2", "federated.group_rounds_max=0"], "'federated.group_rounds_max' must be at"),
+        (FEDERATED, ["devices.cloud_latency_ms=-1"], "config key 'devices.cloud_latency_ms' must not be negative"),
+        (FEDERATED, ["devices.edge_bandwidth_mbps=-1"], "'devices.edge_bandwidth_mbps' must not be negative"),
         (FEDERATED, ["data.source=hf:some/corpus"], "mode federated deals a local corpus's domains to clients"),
         (FEDERATED, ["devices.step_s=-1"], "config key 'devices.step_s' must not be negative; got -1"),
         (SPLIT, ["federated.lora_rank=4"], "federated.lora_rank is for mode federated: mode split trains every"),
@@ -234,3 +242,10 @@ def test_what_a_setting_needs_installed_is_named(monkeypatch, overrides, missing
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(TINY, overrides)
+
+
+def test_a_float_without_a_dot_is_a_float():
+    # YAML 1.1 reads 3e-2 as a string; a float key takes it as the number it spells.
+    assert load_config(TINY, ["train.lr=3e-2"]).train.lr == 0.03
+    with pytest.raises(ConfigError, match="config key 'train.lr' expects float; got 'fast'"):
+        load_config(TINY, ["train.lr=fast"])

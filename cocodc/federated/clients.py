@@ -12,24 +12,26 @@ from cocodc.comm.wan import AccessLinks
 from cocodc.devices import DeviceProfiles
 
 
-def sample_clients(clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
+def sample_clients(clients: int, per_round: int, seed: int, server_round: int, stream: int | None = None) -> list[int]:
     """The clients of round `server_round` (1-based): rounds take consecutive slices of a stream of
     seeded permutations of all clients, so over any stretch of rounds every client is sampled as
     often as any other, give or take one. A slice that straddles two permutations would draw a
-    client twice: the next permutation puts the clients of that slice's first part last."""
+    client twice: the next permutation puts the clients of that slice's first part last.
+    `stream`: an independent stream of draws (a group's, numbering its own members)."""
     start = (server_round - 1) * per_round
-    order = _epoch(clients, per_round, seed, start // clients)
+    key = [seed, 0xC11E] if stream is None else [seed, 0xC11E, stream]
+    order = _epoch(clients, per_round, key, start // clients)
     offset = start % clients
     if offset + per_round <= clients:
         return order[offset : offset + per_round]
-    following = _epoch(clients, per_round, seed, start // clients + 1)
+    following = _epoch(clients, per_round, key, start // clients + 1)
     return order[offset:] + following[: offset + per_round - clients]
 
 
-def _epoch(clients: int, per_round: int, seed: int, epoch: int) -> list[int]:
+def _epoch(clients: int, per_round: int, key: list[int], epoch: int) -> list[int]:
     order: list[int] = []
     for e in range(epoch + 1):
-        drawn = np.random.default_rng([seed, 0xC11E, e]).permutation(clients).tolist()
+        drawn = np.random.default_rng([*key, e]).permutation(clients).tolist()
         tail = order[len(order) - (e * clients) % per_round :] if e and (e * clients) % per_round else []
         # The round that straddles epochs e-1 and e began with `tail`: those go to the back.
         order = [c for c in drawn if c not in tail] + [c for c in drawn if c in tail]

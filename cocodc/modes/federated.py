@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,12 +49,14 @@ class GlobalModel:
         self.params, self.strategy = params, strategy
         self.vector = parameters_to_vector(params).detach().float().clone()
 
-    def load_into_model(self) -> None:
+    def load_into_model(self, vector: torch.Tensor | None = None) -> None:
+        """The parameters set to `vector` (the global one unless given)."""
+        vector = self.vector if vector is None else vector
         # A copy: torch's vector_to_parameters would make the parameters views of the vector.
         offset = 0
         with torch.no_grad():
             for p in self.params:
-                p.copy_(self.vector[offset : offset + p.numel()].view_as(p))
+                p.copy_(vector[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
 
     def state_dict(self) -> dict[str, Any]:
@@ -140,13 +143,20 @@ class FederatedMode:
         return (sum(losses) / len(losses) if losses else math.nan), compute_s
 
     def _train_client(
-        self, trainer: Trainer, server_round: int, client: int
+        self,
+        trainer: Trainer,
+        server_round: int,
+        client: int,
+        start: torch.Tensor | None = None,
+        tuned: list[bool] | None = None,
     ) -> tuple[torch.Tensor, float, float, float]:
-        """`local_steps` AdamW steps of `client` from the global model: (update, mean loss, the
-        global model's loss on the client's first batch, compute s). That loss, taken before the
-        client trains, is the client-side evaluation of the global model."""
-        f, start = self.federation, self.global_model.vector
-        self.global_model.load_into_model()
+        """`local_steps` AdamW steps of `client` from `start` (the global model unless given), of
+        the parameters `tuned` marks (all unless given): (update, mean loss, the starting model's
+        loss on the client's first batch, compute s). That loss, taken before the client trains,
+        is the client-side evaluation of the model it was given."""
+        f = self.federation
+        start = self.global_model.vector if start is None else start
+        self.global_model.load_into_model(start)
         trainer.optimizer.state.clear()  # every client starts a fresh AdamW, as Flower's clients do
         loader = self.shards.loader(client)
         anchor = [p.detach().clone() for p in self.params] if f.proximal_mu else None
@@ -155,20 +165,25 @@ class FederatedMode:
         first = loader.next_batch()
         with torch.no_grad(), autocast_for(self.config, trainer.device):
             eval_loss = lm_loss(self.train_model, first.to(trainer.device)).item()
-        for local in range(1, f.local_steps + 1):
-            if fault == "raise":
-                raise RuntimeError(f"injected by {FAULTS_ENV}")
-            lr = lr_at((server_round - 1) * f.local_steps + local, self.config, steps=f.rounds * f.local_steps)
-            penalty = None
-            if anchor is not None:
-                penalty = lambda: proximal_term(self.params, anchor, f.proximal_mu)  # noqa: E731
-            if fault == "nan":  # a term whose gradient is NaN everywhere, as a diverging client's
-                penalty = lambda: math.nan * sum(p.sum() for p in self.params)  # noqa: E731
-            loss, seconds = trainer.inner_step(
-                self.train_model, self.wan, batch=first if local == 1 else loader.next_batch(), lr=lr, penalty=penalty
-            )
-            losses.append(loss)
-            compute_s += seconds
+        with _frozen_except(self.params, tuned):
+            for local in range(1, f.local_steps + 1):
+                if fault == "raise":
+                    raise RuntimeError(f"injected by {FAULTS_ENV}")
+                lr = lr_at((server_round - 1) * f.local_steps + local, self.config, steps=f.rounds * f.local_steps)
+                penalty = None
+                if anchor is not None:
+                    penalty = lambda: proximal_term(self.params, anchor, f.proximal_mu)  # noqa: E731
+                if fault == "nan":  # a term whose gradient is NaN everywhere, as a diverging client's
+                    penalty = lambda: math.nan * sum(p.sum() for p in self.params)  # noqa: E731
+                loss, seconds = trainer.inner_step(
+                    self.train_model,
+                    self.wan,
+                    batch=first if local == 1 else loader.next_batch(),
+                    lr=lr,
+                    penalty=penalty,
+                )
+                losses.append(loss)
+                compute_s += seconds
         trainer.optimizer.state.clear()
         update = parameters_to_vector(self.params).detach().float() - start
         return update, sum(losses) / len(losses), eval_loss, compute_s
@@ -199,16 +214,7 @@ class FederatedMode:
             step_s=self.config.devices.step_s,
             server_bandwidth_mbps=self.config.devices.server_bandwidth_mbps,
         )
-        failed, not_finite, late, accepted = [], [], [], []
-        for client, (examples, _, status, _), update, arrival in zip(sampled, infos, updates, arrivals, strict=True):
-            if status == FAILED:
-                failed.append(client)
-            elif not torch.isfinite(update).all():
-                not_finite.append(client)
-            elif f.deadline_s and arrival.arrived_at > f.deadline_s:
-                late.append(client)
-            else:
-                accepted.append((client, int(examples), update))
+        accepted, failed, not_finite, late = judge_updates(sampled, infos, updates, arrivals, f.deadline_s)
         if accepted:
             mean_update = weighted_mean([u for _, _, u in accepted], [n for _, n, _ in accepted])
             self.global_model.vector = self.global_model.strategy.step(
@@ -280,9 +286,12 @@ class FederatedMode:
     def summary(self) -> dict[str, Any]:
         f = self.federation
         # The server's totals (the executors hold none): sent to every rank by the same broadcast as a model.
-        totals = torch.tensor([float(v) for v in self.totals.values()], dtype=torch.float64)
-        self.wan.broadcast(totals, SERVER).wait()
-        bytes_up, bytes_down, modelled_s, accepted, left_out = totals.tolist()
+        values = torch.tensor([float(v) for v in self.totals.values()], dtype=torch.float64)
+        self.wan.broadcast(values, SERVER).wait()
+        totals = dict(zip(self.totals, values.tolist(), strict=True))
+        bytes_up, bytes_down, modelled_s = totals["bytes_up"], totals["bytes_down"], totals["modelled_s"]
+        accepted, left_out = totals["accepted"], totals["left_out"]
+        tiers = {key: int(value) for key, value in totals.items() if key.startswith("edge_")}  # hierarchical
         return {
             "clients": f.clients,
             "clients_per_round": f.clients_per_round,
@@ -294,7 +303,41 @@ class FederatedMode:
             "modelled_s": modelled_s,
             "updates_accepted": int(accepted),
             "updates_left_out": int(left_out),
+            **tiers,
         }
+
+
+def judge_updates(
+    sampled: list[int], infos: list[list[float]], updates: list[torch.Tensor], arrivals: list[Any], deadline_s: float
+) -> tuple[list[tuple[int, int, torch.Tensor]], list[int], list[int], list[int]]:
+    """Which updates count: (accepted (client, examples, update), failed, not finite, late)."""
+    failed, not_finite, late, accepted = [], [], [], []
+    for client, info, update, arrival in zip(sampled, infos, updates, arrivals, strict=True):
+        if info[2] == FAILED:
+            failed.append(client)
+        elif not torch.isfinite(update).all():
+            not_finite.append(client)
+        elif deadline_s and arrival.arrived_at > deadline_s:
+            late.append(client)
+        else:
+            accepted.append((client, int(info[0]), update))
+    return accepted, failed, not_finite, late
+
+
+@contextlib.contextmanager
+def _frozen_except(params: list[nn.Parameter], tuned: list[bool] | None) -> Iterator[None]:
+    """Only the parameters `tuned` marks take gradients (all when None); the backward stops below
+    the lowest of them."""
+    if tuned is None:
+        yield
+        return
+    for p, trains in zip(params, tuned, strict=True):
+        p.requires_grad_(trains)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class _Totals:
