@@ -380,7 +380,7 @@ def plots(args: argparse.Namespace, plan: list[dict]) -> None:
             )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("-c", "--config", default="configs/convergence.yaml")
@@ -396,6 +396,11 @@ def main() -> None:
         "overlaps (1: the perfectly compensated rows exact to a step; default: the config's eval.every)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence"))
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)

@@ -83,7 +83,7 @@ def first_send_after(args: argparse.Namespace, step: int) -> int:
     return next(k for k in range(step, config.train.steps) if schedule.sends_at(k))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", default="configs/tiny.yaml")
     parser.add_argument("--regions", type=int, default=3)
@@ -94,7 +94,11 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=100.0, help="the modelled WAN's one-way latency")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ft"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.kill_at is None:
         args.kill_at = first_send_after(args, args.steps // 5)

@@ -153,12 +153,16 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--budget-s", type=float, default=480)
     parser.add_argument("--cpu-dry-run", action="store_true", help="the same steps, tiny, on the CPU")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     gpus = torch.cuda.device_count()
     if not gpus and not args.cpu_dry_run:
         sys.exit("gpu_check: no CUDA device here (--cpu-dry-run runs the same steps, tiny, on the CPU)")

@@ -220,7 +220,7 @@ def report(results: dict, out: Path) -> None:
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(map(str, written)))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=20)
@@ -230,7 +230,11 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished run of the config is")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plot-only", action="store_true", help="the table and plots again from results.json")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         report(json.loads((args.out / "results.json").read_text()), args.out)

@@ -323,7 +323,7 @@ def plot(rows: list[dict], peak: float | None, copy: float, path: Path, device_n
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
@@ -334,7 +334,11 @@ def main() -> None:
     parser.add_argument("--train", default=None, metavar="CONFIG", help="also train with the kernels vs the reference")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings for --train")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device = args.device
     kernel_here = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     default_sizes = [1_000_000, 10_000_000, 100_000_000, 500_000_000] if device == "cuda" else [1_000_000, 10_000_000]

@@ -55,11 +55,15 @@ def param_count() -> int:
     return sum(p.numel() for p in Transformer(config.model, 256, config.train.seq_len).parameters())
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "memory")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     params = param_count()
     rows = []

@@ -111,7 +111,7 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default="configs/tiny.yaml")
     parser.add_argument("--links", type=parse_link, nargs="+", default=[(10, 100), (50, 100), (100, 100), (100, 10)])
@@ -121,7 +121,11 @@ def main() -> None:
     parser.add_argument("--delay", type=int, default=5, help="tau for streaming, in inner steps")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overlap"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for emulation in args.emulation:

@@ -70,13 +70,17 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--codecs", nargs="+", default=["e3m0", "int8", "fp8", "bf16"])
     parser.add_argument("--members", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     parser.add_argument("--numel", type=int, default=1 << 16)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quantized-mean"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     rows = [measure(codec, n, args.numel) for codec in args.codecs for n in args.members]
     columns = list(rows[0])
     table = "\n".join(

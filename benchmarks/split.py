@@ -417,7 +417,7 @@ def report(results: dict, out: Path) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -433,6 +433,11 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished run of the config is")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plot-only", action="store_true", help="the table and plots again from results.json")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:

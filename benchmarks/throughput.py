@@ -132,14 +132,18 @@ def write(rows: list[dict], out: Path, title: str) -> None:
     fig.savefig(out / "throughput.png", dpi=120)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=str(REPO / "configs" / "tiny.yaml"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     names = [n for n in VARIANTS if n in args.only]
     names = names if names[0] == "baseline (defaults)" else ["baseline (defaults)", *names]
     device = pick_device(load_config(args.config))

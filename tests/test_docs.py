@@ -2,6 +2,7 @@
 the README and docs/ show parses (its config loads with its overrides, its paths exist), and every
 relative link leads somewhere. Nothing here runs a command."""
 
+import importlib.util
 import re
 import shlex
 
@@ -32,9 +33,8 @@ def test_every_config_key_has_a_meaning_in_config_py():
     assert "`train.grad_accum`" in config_doc.render()
 
 
-def shown_commands() -> list[tuple[str, list[str]]]:
-    """(page:line, argv after `cocodc`) of every cocodc command in a code block; `torchrun ... -m
-    cocodc.train ...` counts as `cocodc train ...`."""
+def code_lines() -> list[tuple[str, str]]:
+    """(page:line, the line with its continuations joined) of every line in a code block."""
     found = []
     for page in PAGES:
         in_code, pending, start = False, "", 0
@@ -51,18 +51,42 @@ def shown_commands() -> list[tuple[str, list[str]]]:
                 pending = text[:-1] + " "
                 continue
             pending = ""
-            if not (text.startswith("cocodc ") or "-m cocodc.train" in text):
-                continue  # other shells' lines, Python, output
-            words = shlex.split(text, comments=True)
-            where = f"{page.relative_to(REPO)}:{start}"
-            if words[:1] == ["cocodc"]:
-                found.append((where, words[1:]))
-            elif "cocodc.train" in words:
-                found.append((where, ["train", *words[words.index("cocodc.train") + 1 :]]))
+            found.append((f"{page.relative_to(REPO)}:{start}", text))
+    return found
+
+
+def shown_commands() -> list[tuple[str, list[str]]]:
+    """(page:line, argv after `cocodc`) of every cocodc command in a code block; `torchrun ... -m
+    cocodc.train ...` counts as `cocodc train ...`."""
+    found = []
+    for where, text in code_lines():
+        if not (text.startswith("cocodc ") or "-m cocodc.train" in text):
+            continue  # other shells' lines, Python, output
+        words = shlex.split(text, comments=True)
+        if words[:1] == ["cocodc"]:
+            found.append((where, words[1:]))
+        elif "cocodc.train" in words:
+            found.append((where, ["train", *words[words.index("cocodc.train") + 1 :]]))
+    return found
+
+
+def shown_benchmarks() -> list[tuple[str, str, list[str]]]:
+    """(page:line, script, its arguments) of every `python benchmarks/<script>.py ...` (or `python
+    -m benchmarks.<script>`) in a code block."""
+    found = []
+    for where, text in code_lines():
+        if not re.search(r"python3? +(-m +benchmarks\.|\S*benchmarks/\w+\.py)", text):
+            continue
+        words = shlex.split(text, comments=True)
+        for index, word in enumerate(words):
+            script = re.fullmatch(r"benchmarks[/.](\w+?)(\.py)?", word)
+            if script and index and words[index - 1].endswith(("python", "python3", "-m")):
+                found.append((where, script[1], words[index + 1 :]))
     return found
 
 
 COMMANDS = shown_commands()
+BENCHMARKS = shown_benchmarks()
 
 
 def test_the_docs_show_commands():
@@ -88,6 +112,24 @@ def test_a_shown_command_parses(where, argv):
     else:
         assert command == "report", f"{where}: cocodc has no command {command!r}"
         assert args, f"{where}: cocodc report needs run directories"
+
+
+def test_the_docs_show_benchmark_commands():
+    assert {script for _, script, _ in BENCHMARKS} >= {"convergence", "federated", "split", "hierfed", "memory"}
+
+
+@pytest.mark.parametrize(("where", "script", "args"), BENCHMARKS, ids=[where for where, _, _ in BENCHMARKS])
+def test_a_shown_benchmark_command_parses(where, script, args, monkeypatch):
+    path = REPO / "benchmarks" / f"{script}.py"
+    assert path.is_file(), f"{where}: no benchmark {script}"
+    monkeypatch.syspath_prepend(str(path.parent))  # the scripts import their sibling sweep.py
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{where}: benchmarks/{script}.py does not take {shlex.join(args)}")
 
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
