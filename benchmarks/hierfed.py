@@ -1,21 +1,22 @@
-"""HierFedLoRA against flat FedLoRA on non-IID clients, with its two ablations, by eval loss,
-modelled wall-clock and bytes to flat FedLoRA's final eval loss.
+"""Hierarchical federated fine-tuning (HierFedLoRA's groups, edges and depths) against flat, on
+non-IID clients, with its two ablations, by eval loss, modelled wall-clock and bytes to flat's
+final eval loss.
 
     python benchmarks/hierfed.py [--seeds 0 1 2] [--rounds 20] [--set KEY=VALUE ...]
         [--scratch DIR] [--out benchmarks/results/hierfed] [--rerun] [--plot-only]
 
 Every run is a real `cocodc train -c configs/hierfed.yaml --set ...` (40 clients, Dirichlet 0.1
-over the books, LoRA rank 8 on the briefly pretrained demo model), one after another:
+over the books, the briefly pretrained demo model's blocks fine-tuned), one after another:
 
-- flat FedLoRA: `federated.groups=0`, the same clients_per_round; a device's path to the cloud
+- flat: `federated.groups=0`, the same clients_per_round; a device's path to the cloud
   crosses the edge tier's wide-area hop too, so its latency is the device's plus the edge's
   (`devices.latency_ms` + `devices.cloud_latency_ms`);
-- HierFedLoRA: 4 groups close to the global mix, depths and edge rounds from the rule;
+- hierarchical: 4 groups close to the global mix, depths and edge rounds from the rule;
 - one frequency, full depth: the same groups, every group 2 edge rounds and every block tuned
   (what the rule's choices add);
 - random groups: the rule on a seeded random partition (what the grouping adds).
 
-The target is flat FedLoRA's median final eval loss over the seeds. Per run: its first eval at or
+The target is flat's median final eval loss over the seeds. Per run: its first eval at or
 below the target, the modelled seconds to it (the sum of the rounds' modelled_s) and the bytes
 moved to it, on the cloud tier (edge or device to the cloud: the wide-area link) and in all
 (the device tier too). Medians over seeds; a seed that never reaches the target counts as the
@@ -38,15 +39,15 @@ from sweep import band, ok, progress, provenance, seal, train_run
 CONFIG = "configs/hierfed.yaml"
 DEFAULT_OUT = Path("benchmarks/results/hierfed")
 VARIANTS: dict[str, list[str]] = {
-    "flat FedLoRA": ["federated.groups=0"],
-    "HierFedLoRA (the rule)": [],
-    "one frequency, full depth": ["federated.group_rounds=2", "federated.group_depth=4"],
+    "flat": ["federated.groups=0"],
+    "hierarchical (the rule)": [],
+    "one frequency, full depth": ["federated.group_rounds=2"],  # and federated.group_depth = model.n_layers
     "random groups": ["federated.group_by=random"],
 }
 
 
 def flat_latency(settings: list[str]) -> list[str]:
-    """Flat FedLoRA's devices reach the cloud across the edge tier's wide-area hop too."""
+    """Flat runs' devices reach the cloud across the edge tier's wide-area hop too."""
     from cocodc.config import load_config
 
     devices = load_config(CONFIG, settings).devices
@@ -58,8 +59,12 @@ def run(args: argparse.Namespace, variant: str, seed: int) -> dict:
 
     name = f"{variant.split(' (')[0].replace(' ', '-').replace(',', '')}-seed{seed}"
     settings = [f"federated.rounds={args.rounds}", *args.set, *VARIANTS[variant], f"seed={seed}"]
-    if variant == "flat FedLoRA":
+    if variant == "flat":
         settings += flat_latency(settings)
+    if variant == "one frequency, full depth":
+        from cocodc.config import load_config
+
+        settings.append(f"federated.group_depth={load_config(CONFIG, settings).model.n_layers}")
     settings += [f"run.dir={args.scratch}", f"run.name={name}"]
     entry = {"name": name, "variant": variant, "seed": seed}
     entry.update(train_run(CONFIG, settings, args.scratch, name, rerun=args.rerun, tail=20))
@@ -110,7 +115,7 @@ def median_reached(values: list[float | None]) -> float | None:
 
 def analyse(results: dict) -> dict:
     runs = [r for r in results["runs"] if ok(r)]
-    flat = [r["final_eval_loss"] for r in runs if r["variant"] == "flat FedLoRA"]
+    flat = [r["final_eval_loss"] for r in runs if r["variant"] == "flat"]
     target = statistics.median(flat) if flat else None
     rows = []
     for variant in VARIANTS:
@@ -144,10 +149,12 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def table(analysis: dict) -> str:
+    if analysis["target"] is None:
+        return "No flat run finished: no target."
     rows = analysis["rows"]
-    flat = next((r for r in rows if r["variant"] == "flat FedLoRA"), None)
+    flat = next((r for r in rows if r["variant"] == "flat"), None)
     lines = [
-        f"Target: flat FedLoRA's median final eval loss, {analysis['target']:.4f}.",
+        f"Target: flat's median final eval loss, {analysis['target']:.4f}.",
         "",
         "| variant | final eval loss: median (min..max) | rounds to target | modelled s to target | speed-up | "
         "MB to target: cloud tier / all | modelled s, all rounds |",
@@ -182,7 +189,7 @@ def plots(results: dict, out: Path) -> list[Path]:
             ax.fill_between(xs, low, high, alpha=0.15)
         ax.set_xlabel(label)
         ax.set_ylabel("global eval loss (median, min..max over seeds)")
-        ax.set_title("HierFedLoRA against flat FedLoRA, 40 clients, Dirichlet 0.1")
+        ax.set_title("hierarchical against flat federated fine-tuning, 40 clients, Dirichlet 0.1")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / file, dpi=120)
@@ -193,15 +200,14 @@ def plots(results: dict, out: Path) -> list[Path]:
 
 def report(results: dict, out: Path) -> None:
     analysis = analyse(results)
-    plan = next((r["groups"] for r in analysis["rows"] if r["variant"] == "HierFedLoRA (the rule)"), None)
-    lines = ["# HierFedLoRA against flat FedLoRA", "", table(analysis), "", "## How to read it", ""]
+    plan = next((r["groups"] for r in analysis["rows"] if r["variant"] == "hierarchical (the rule)"), None)
+    lines = ["# Hierarchical against flat federated fine-tuning", "", table(analysis), "", "## How to read it", ""]
     lines += [
         f"- Runs: `{CONFIG}` with `federated.rounds={results['rounds']}` {' '.join(f'`{s}`' for s in results['set'])}; "
         f"per variant: "
         + "; ".join(f"{v}: {' '.join(f'`{s}`' for s in VARIANTS[v]) or '(the config)'}" for v in VARIANTS)
-        + "; flat FedLoRA's devices also take the edges' latency to the cloud. Seeds "
-        + ", ".join(map(str, results["seeds"]))
-        + ".",
+        + " and `federated.group_depth` = `model.n_layers`; flat's devices also take the edges' latency "
+        "to the cloud. Seeds " + ", ".join(map(str, results["seeds"])) + ".",
         "- To target: the first eval (every 2 global rounds) at or below it; modelled seconds are the rounds' "
         "modelled_s summed; MB up and down, on the cloud tier (flat: the devices' uploads and downloads; "
         "hierarchical: the edges') and in all (the device tier too). Speed-up: flat's modelled seconds to the "

@@ -146,7 +146,8 @@ def read_run(run_dir: Path, method: str, args: argparse.Namespace) -> dict:
         sizes_per_step=sorted({tuple(r["batch_sizes"]) for r in steps}),
         bytes_up_per_worker=[sum(r["bytes_up"][w] for r in steps) for w in range(workers)],
         bytes_down_per_worker=[sum(r["bytes_down"][w] for r in steps) for w in range(workers)],
-        part_sync_bytes=sum(r["part_sync_bytes"] for r in steps),
+        part_up_per_worker=[sum(r["part_sync_bytes"] for r in steps if w in r["part_senders"]) for w in range(workers)],
+        part_down=sum(r["part_sync_bytes"] for r in steps),
         excluded=sum(len(r["excluded"]) for r in steps),
         worker_steps_left_out=summary.get("worker_steps_left_out"),
         step_modelled_s=[r["modelled_s"] for r in steps],
@@ -250,10 +251,9 @@ def checks(results: dict) -> list[str]:
         if len(r["sizes_per_step"]) != 1 or sum(r["sizes_per_step"][0]) != results["workers"] * results["batch_size"]:
             found.append(f"CHECK: {r['name']}: batch sizes per step {r['sizes_per_step']}")
         sizes = r["batch_sizes"]
-        part = r["part_sync_bytes"] / r["steps"]  # the workers' parts synced, each way, a step
-        for w, size in enumerate(sizes):
-            over_up = r["bytes_up_per_worker"][w] / r["steps"] - size * payload_up - part
-            over_down = r["bytes_down_per_worker"][w] / r["steps"] - size * payload_down - part
+        for w, size in enumerate(sizes):  # less the workers' parts synced (each way)
+            over_up = (r["bytes_up_per_worker"][w] - r["part_up_per_worker"][w]) / r["steps"] - size * payload_up
+            over_down = (r["bytes_down_per_worker"][w] - r["part_down"]) / r["steps"] - size * payload_down
             # Two messages up (activations, labels) and one down, each with a small header.
             if not (0 <= over_up <= 1024 and 0 <= over_down <= 512):
                 found.append(f"CHECK: {r['name']}: worker {w} sends {over_up:+.0f} / receives {over_down:+.0f} bytes "

@@ -53,11 +53,21 @@ def test_groups_tune_their_top_blocks_aggregate_at_their_edges_and_resume_bit_id
     groups = [r for r in records if r["kind"] == "group"]
     rounds = [r for r in records if r["kind"] == "round"]
     assert [(r["round"], r["group"]) for r in groups] == [(n, g) for n in range(1, 5) for g in (0, 1)]
+    config = load_config(CONFIG, [*BASE, *settings])
+    model = Transformer(config.model, 256, config.train.seq_len, seed=config.seed)
+    whole = sum(p.numel() for p in model.parameters())
+    tuned = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("blocks.1.", "norm.", "head.")))
     for record in groups:
         # 2 edge rounds of the group's share of 4 clients a round (2 of 8, by its size), its own members.
         assert len(record["clients"]) == 4 and set(record["clients"]) <= set(members[record["group"]])
         assert record["accepted"] == record["clients"] and record["depth"] == 1
         assert record["modelled_s"] > record["edge_s"] > 0
+        # Down: the whole model to a client new to the round, the tuned part to one drawn again;
+        # up: each client's info (4 float64) and its update's tuned part, fp32, with their headers.
+        drawn = record["clients"]
+        new = [c not in drawn[:i] for i, c in enumerate(drawn)]
+        assert record["edge_bytes_down"] == sum(96 + 4 * (whole if first else tuned) for first in new)
+        assert record["edge_bytes_up"] == 4 * (96 + 32 + 96 + 4 * tuned)
     for record in rounds:
         mine = [g for g in groups if g["round"] == record["round"]]
         assert record["modelled_s"] == max(g["modelled_s"] for g in mine)  # the cloud waits for every group
@@ -70,8 +80,7 @@ def test_groups_tune_their_top_blocks_aggregate_at_their_edges_and_resume_bit_id
 
     # Depth 1 of 2 blocks: the embedding and block 0 are the initial model's, bit for bit; block 1
     # and the head moved.
-    config = load_config(CONFIG, [*BASE, *settings])
-    initial = Transformer(config.model, 256, config.train.seq_len, seed=config.seed).state_dict()
+    initial = model.state_dict()
     final = read_region(run / "checkpoints", 4, 0)["model"]
     for name, value in initial.items():
         frozen = name.startswith(("embed.", "blocks.0.")) or "rope" in name

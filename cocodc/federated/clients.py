@@ -54,7 +54,7 @@ def round_arrivals(
     profiles: DeviceProfiles,
     sampled: Sequence[int],
     *,
-    download_bytes: int,
+    download_bytes: int | Sequence[int],
     upload_bytes: Sequence[int],
     local_steps: int,
     step_s: float,
@@ -63,13 +63,16 @@ def round_arrivals(
     """When each sampled client's update reaches the server, on the modelled links: the server
     sends the global model to the clients in sampling order (queued at its uplink), each trains
     `local_steps` steps at its speed, and the uploads queue at the server's downlink in the order
-    they are handed over. Node 0 is the server, node 1 + i the i-th sampled client."""
+    they are handed over. Node 0 is the server, node 1 + i the i-th sampled client.
+    `download_bytes`: the same for every client, or each client's."""
+    if isinstance(download_bytes, int | float):
+        download_bytes = [download_bytes] * len(sampled)
     links = AccessLinks.build(
         [0.0] + [profiles.latency_ms[c] for c in sampled],
         [server_bandwidth_mbps] + [profiles.bandwidth_mbps[c] for c in sampled],
     )
     trained = [
-        links.transfer(0, 1 + i, download_bytes, 0.0) + local_steps * step_s / profiles.speed[c]
+        links.transfer(0, 1 + i, download_bytes[i], 0.0) + local_steps * step_s / profiles.speed[c]
         for i, c in enumerate(sampled)
     ]
     arrived = [0.0] * len(sampled)

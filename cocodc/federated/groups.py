@@ -132,8 +132,9 @@ def plan_groups(
 
 def tuned_at_depth(block_of: Sequence[int | None], embedding: Sequence[bool], depth: int, layers: int) -> list[bool]:
     """Which trainable parameters a group of `depth` tunes: those of the top `depth` blocks
-    (`block_of`: each parameter's block, None outside the blocks), the ones above the blocks (the
-    final norm, the head) always, the input embedding only at full depth."""
+    (`block_of`: each parameter's block, None outside the blocks), the others outside the blocks
+    (taken to lie above them: the final norm, the head) always, and the input embedding
+    (`embedding`: an untied one) only at full depth."""
     return [
         (block >= layers - depth) if block is not None else (depth >= layers or not is_embedding)
         for block, is_embedding in zip(block_of, embedding, strict=True)

@@ -163,8 +163,10 @@ class FederatedMode:
         fault = self.faults.get(client)
         losses, compute_s = [], 0.0
         first = loader.next_batch()
+        self.train_model.eval()  # no dropout (a transformers model's or LoRA's) in the evaluation
         with torch.no_grad(), autocast_for(self.config, trainer.device):
             eval_loss = lm_loss(self.train_model, first.to(trainer.device)).item()
+        self.train_model.train()
         with _frozen_except(self.params, tuned):
             for local in range(1, f.local_steps + 1):
                 if fault == "raise":
@@ -195,21 +197,21 @@ class FederatedMode:
         for position in range(len(sampled)):
             src = executor_of(position, executors)
             pending.append((self.wan.recv(src, tag=position), self.wan.recv(src, tag=position)))
-        infos, updates, upload_bytes = [], [], []
-        # A failed client's update is timed as if it had been sent: the server cannot tell the
-        # silence of a failure from a slow upload before the update was due.
+        infos, updates, upload_bytes, timed_bytes = [], [], [], []
+        # A failed client's update is timed as if it had been sent (the server cannot tell the
+        # silence of a failure from a slow upload before the update was due), not counted as sent.
         update_bytes = get_codec(f.quantize).encoded_bytes(self.global_model.vector.numel())
         for info_handle, update_handle in pending:
             infos.append(info_handle.wait().tolist())
             updates.append(update_handle.wait())
-            unsent = update_bytes if infos[-1][2] == FAILED else 0
-            upload_bytes.append(info_handle.bytes_received + update_handle.bytes_received + unsent)
+            upload_bytes.append(info_handle.bytes_received + update_handle.bytes_received)
+            timed_bytes.append(upload_bytes[-1] + (update_bytes if infos[-1][2] == FAILED else 0))
         download_bytes = self.global_model.vector.numel() * 4
         arrivals = round_arrivals(
             self.profiles,
             sampled,
             download_bytes=download_bytes,
-            upload_bytes=upload_bytes,
+            upload_bytes=timed_bytes,
             local_steps=f.local_steps,
             step_s=self.config.devices.step_s,
             server_bandwidth_mbps=self.config.devices.server_bandwidth_mbps,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -55,7 +56,11 @@ class HierarchicalMode(FederatedMode):
         blocks = find_blocks(model, config.sync.blocks)
         self.layers = len(blocks)
         block_of = {id(p): index for index, block in enumerate(blocks) for p in block.parameters()}
-        embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        # An input embedding is tuned at full depth only; one tied to the head is the head too.
+        heads = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+        embeddings = {
+            id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters() if id(p) not in heads
+        }
         self.tuned = {
             depth: tuned_at_depth(
                 [block_of.get(id(p)) for p in self.params],
@@ -135,13 +140,13 @@ class HierarchicalMode(FederatedMode):
         sends, losses, compute_s = [], [], 0.0
         for group in self.groups:
             mine = self._edge_of(group) == self.topology.rank
-            vector, table = self.global_model.vector.clone(), []
+            vector, table, served = self.global_model.vector.clone(), [], set()
             edge_bytes, group_s = [0, 0], 0.0
             for edge_round in range(1, group.rounds + 1):
                 sampled = self._sampled(group, server_round, edge_round)
                 if mine:
                     rows, seconds, up, down, spent = self._edge_round(
-                        trainer, server_round, group, vector, sampled, edge_round == 1
+                        trainer, server_round, group, vector, sampled, served
                     )
                     table += [[edge_round, *row] for row in rows]
                     losses += [row[3] for row in rows if row[1] == 0]
@@ -150,9 +155,11 @@ class HierarchicalMode(FederatedMode):
                 self._advance(sampled)
             if not mine:
                 continue
-            accepted = sum(row[3] for row in table if row[2] == 0)
+            # The group's weight at the cloud: the examples of its clients whose updates counted,
+            # each once, however many of its edge rounds drew them.
+            examples = sum({row[1]: row[3] for row in table if row[2] == 0}.values())
             mask = self.masks[group.depth]
-            summary = torch.tensor([accepted, group_s, *edge_bytes], dtype=torch.float64)
+            summary = torch.tensor([examples, group_s, *edge_bytes], dtype=torch.float64)
             delta = (vector - self.global_model.vector)[mask]
             sends.append(self.wan.send(summary, SERVER, tag=group.index))
             sends.append(
@@ -164,12 +171,19 @@ class HierarchicalMode(FederatedMode):
         return (sum(losses) / len(losses) if losses else math.nan), compute_s
 
     def _edge_round(
-        self, trainer: Trainer, server_round: int, group: Group, vector: torch.Tensor, sampled: list[int], first: bool
+        self,
+        trainer: Trainer,
+        server_round: int,
+        group: Group,
+        vector: torch.Tensor,
+        sampled: list[int],
+        served: set[int],
     ) -> tuple[list[list[float]], float, int, int, float]:
         """One edge round of `group` on `vector` (its model, updated in place): each sampled client
         trains and uploads through the codec; the round is timed on the device tier and what counts
-        averaged in. Returns each client's row (client, status, examples, train loss, eval loss),
-        the modelled seconds, the bytes up and down, and the compute seconds."""
+        averaged in. `served`: the clients that hold this global round's model already (added to).
+        Returns each client's row (client, status, examples, train loss, eval loss), the modelled
+        seconds, the bytes up and down, and the compute seconds."""
         f, d = self.federation, self.config.devices
         mask, tuned = self.masks[group.depth], self.tuned[group.depth]
         infos, updates, compute_s = [], [], 0.0
@@ -184,14 +198,17 @@ class HierarchicalMode(FederatedMode):
             infos.append([float(self.shards.examples(client)), loss, OK, eval_loss])
             updates.append(self.codec.decode(self.codec.encode(update[mask]), int(mask.sum())))
             compute_s += seconds
-        # The first edge round of a global round sends each client the whole trainable model (the
-        # other groups changed what it froze); later ones only what the group tunes.
-        download = HEADER + 4 * (vector.numel() if first else int(mask.sum()))
+        # A client new to this global round gets the whole trainable model (the other groups changed
+        # what it freezes); one the group drew before, only what the group tunes. A failed client's
+        # upload is timed as if sent (the edge cannot tell it from a slow one), not counted.
+        downloads = [HEADER + 4 * (int(mask.sum()) if c in served else vector.numel()) for c in sampled]
+        served.update(sampled)
+        upload = self._upload_bytes(group.depth)
         arrivals = round_arrivals(
             self.profiles,
             sampled,
-            download_bytes=download,
-            upload_bytes=[self._upload_bytes(group.depth)] * len(sampled),
+            download_bytes=downloads,
+            upload_bytes=[upload] * len(sampled),
             local_steps=f.local_steps,
             step_s=d.step_s * step_cost(group.depth, self.layers),
             server_bandwidth_mbps=d.edge_bandwidth_mbps,
@@ -203,7 +220,7 @@ class HierarchicalMode(FederatedMode):
         status = {c: STATUSES.index(why) for why, clients in left_out.items() for c in clients}
         rows = [[c, status.get(c, 0), info[0], info[1], info[3]] for c, info in zip(sampled, infos, strict=True)]
         seconds = server_wait_s(arrivals, failed, f.deadline_s)
-        return rows, seconds, len(sampled) * self._upload_bytes(group.depth), len(sampled) * download, compute_s
+        return rows, seconds, upload * (len(sampled) - len(failed)), sum(downloads), compute_s
 
     def _serve_groups(self, server_round: int) -> float:
         """The cloud: every group's update and table, timed on the cloud tier, averaged per
@@ -214,13 +231,13 @@ class HierarchicalMode(FederatedMode):
         rows: list[list[float]] = []
         for group, handles in zip(self.groups, pending, strict=True):
             summary, table, received = (h.wait() for h in handles)
-            accepted, group_s, edge_up, edge_down = summary.tolist()
+            examples, group_s, edge_up, edge_down = summary.tolist()
             mask = self.masks[group.depth]
             delta = torch.zeros_like(self.global_model.vector)
             delta[mask] = received
             deltas.append(delta)
             masks.append(mask.float())
-            weights.append(accepted)  # 0 where every client failed: the group is left out
+            weights.append(examples)  # 0 where every client failed: the group is left out
             seconds.append(group_s)
             uploads.append(sum(h.bytes_received for h in handles))
             rows += table.tolist()
@@ -254,7 +271,10 @@ class HierarchicalMode(FederatedMode):
             record.update(bytes_down=download, modelled_s=arrived)
         if any(weights):
             update = layerwise_mean(deltas, masks, weights)
-            self.global_model.vector = self.global_model.strategy.step(self.global_model.vector, update, server_round)
+            stepped = self.global_model.strategy.step(self.global_model.vector, update, server_round)
+            # A parameter no group tuned keeps its value (a server optimizer's momentum would move it).
+            covered = sum(w * m for w, m in zip(weights, masks, strict=True)) > 0
+            self.global_model.vector = torch.where(covered, stepped, self.global_model.vector)
         accepted_rows = [r for r in rows if r[2] == 0]
         loss = sum(r[3] * r[4] for r in accepted_rows) / sum(r[3] for r in accepted_rows) if accepted_rows else math.nan
         by_status = {s: [int(r[1]) for r in rows if r[2] == i] for i, s in enumerate(STATUSES)}
@@ -270,8 +290,10 @@ class HierarchicalMode(FederatedMode):
             "edge_bytes_down": sum(r["edge_bytes_down"] for r in records),
             "modelled_s": max(arrivals),
             "train_loss": loss,
-            "client_eval_loss": {str(int(r[1])): r[5] for r in rows if r[2] != 1},
-            "client_train_loss": {str(int(r[1])): r[4] for r in rows if r[2] != 1},
+            # The global model's loss on each client's data (their first edge round's start), and
+            # each client's training loss, the mean over the edge rounds that drew it.
+            "client_eval_loss": {str(int(r[1])): r[5] for r in rows if r[0] == 1 and r[2] != 1},
+            "client_train_loss": _means((int(r[1]), r[4]) for r in rows if r[2] != 1),
         }
         if server_round == 1:
             records.insert(0, self.plan_record())
@@ -316,3 +338,11 @@ class HierarchicalMode(FederatedMode):
     def summary(self) -> dict[str, Any]:
         groups = [{"members": len(g.members), "depth": g.depth, "edge_rounds": g.rounds} for g in self.groups]
         return {**super().summary(), "groups": groups}
+
+
+def _means(pairs: Iterable[tuple[int, float]]) -> dict[str, float]:
+    """The mean of each key's values, keyed by its string."""
+    values: dict[int, list[float]] = {}
+    for key, value in pairs:
+        values.setdefault(key, []).append(value)
+    return {str(key): sum(v) / len(v) for key, v in values.items()}

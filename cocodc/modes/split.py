@@ -427,7 +427,8 @@ class SplitMode:
             "batch_sizes": list(self.sizes),
             "bytes_up": up,
             "bytes_down": down,
-            "part_sync_bytes": part_bytes,
+            "part_sync_bytes": part_bytes,  # each way: up from each of part_senders, down to every worker
+            "part_senders": senders,
             "served": [w for members, _, _ in timeline for w in members],  # in the server's order
             "arrived_s": arrivals,
             "done_s": done,
