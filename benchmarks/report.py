@@ -149,6 +149,7 @@ def quantized_mean() -> str:
 FIGURES: dict[str, Callable[[], str]] = {
     "quantized-mean": quantized_mean,
     "headline": headline,
+    "headline-table": committed_table(f"{HEADLINE['folder']}/convergence.md"),
     "readme-memory": readme_memory,
     "memory-table": committed_table("memory/table.md", 0),
     "memory-projection": committed_table("memory/table.md", 1),
@@ -159,14 +160,21 @@ FIGURES: dict[str, Callable[[], str]] = {
 }
 
 
+class FigureError(Exception):
+    """A block whose figure cannot be built: no such figure, or its results file is missing."""
+
+
 def render(text: str) -> str:
     """`text` with every generated block rewritten."""
 
     def rebuild(match: re.Match[str]) -> str:
         name = match["name"]
         if name not in FIGURES:
-            raise KeyError(f"no figure named {name!r} (benchmarks/report.py FIGURES)")
-        return match.group(1) + FIGURES[name]() + match.group(4)
+            raise FigureError(f"no figure named {name!r} (benchmarks/report.py FIGURES)")
+        try:
+            return match.group(1) + FIGURES[name]() + match.group(4)
+        except FileNotFoundError as err:
+            raise FigureError(f"figure {name}: no {Path(err.filename).relative_to(ROOT)} (run its benchmark)") from None
 
     return BLOCK.sub(rebuild, text)
 
@@ -177,28 +185,30 @@ def stale(text: str) -> list[str]:
     return [m["name"] for m in BLOCK.finditer(text) if m["body"] != rendered[m["name"]]]
 
 
+def main() -> None:
+    args = build_parser().parse_args()
+    texts = {name: (ROOT / name).read_text() for name in DOCUMENTS}
+    try:  # every document rendered before any is written: a missing figure changes nothing
+        rendered = {name: render(text) for name, text in texts.items()}
+    except FigureError as err:
+        sys.exit(f"benchmarks.report: {err}")
+    stale_blocks = [f"{name}: figure {block} is stale" for name in DOCUMENTS for block in stale(texts[name])]
+    if args.check:
+        for line in stale_blocks:
+            print(line, file=sys.stderr)
+        if stale_blocks:
+            sys.exit("run: python -m benchmarks.report")
+        return
+    for name, text in rendered.items():
+        if text != texts[name]:
+            (ROOT / name).write_text(text)
+            print(f"rewrote {name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
     return parser
-
-
-def main() -> None:
-    args = build_parser().parse_args()
-    found = []
-    for name in DOCUMENTS:
-        path = ROOT / name
-        text = path.read_text()
-        if args.check:
-            found += [f"{name}: figure {block} is stale" for block in stale(text)]
-        elif render(text) != text:
-            path.write_text(render(text))
-            print(f"rewrote {name}")
-    for line in found:
-        print(line, file=sys.stderr)
-    if found:
-        print("run: python -m benchmarks.report", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

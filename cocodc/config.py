@@ -655,7 +655,10 @@ def validate(config: Config) -> None:
     if config.mode != "regions" and (tr.device == "cuda" or t.backend == "nccl"):
         # Their servers and executors move tensors between ranks on the CPU (gloo); `auto` picks that.
         key = "train.device cuda" if tr.device == "cuda" else "topology.backend nccl"
-        raise ConfigError(f"mode {config.mode} runs on CPU over gloo; {key} is for the regions mode")
+        raise ConfigError(
+            f"mode {config.mode} runs on CPU over gloo; {key} is for the regions mode (its server and executors "
+            "pass every tensor through gloo's CPU point-to-point, and no GPU has run it to check a device path)"
+        )
     _validate_devices(config.devices)
     if d.split == "non_iid" and d.source.startswith("hf:"):
         raise ConfigError("data.split non_iid needs a local corpus with domains; hub streams ('hf:') are iid")
