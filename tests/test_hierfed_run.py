@@ -93,3 +93,23 @@ def test_groups_tune_their_top_blocks_aggregate_at_their_edges_and_resume_bit_id
     again = read_region(tmp_path / "resumed" / "checkpoints", 4, 0)
     assert torch.equal(again["federated"]["vector"], read_region(run / "checkpoints", 4, 0)["federated"]["vector"])
     assert [r for r in read_records(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "groups"] == [plan]
+
+
+def test_groups_fine_tune_lora_adapters_of_their_top_blocks_only(tmp_path):
+    config = load_config(CONFIG, BASE)
+    torch.manual_seed(5)
+    base = Transformer(config.model, 256, config.train.seq_len)
+    torch.save({"model": base.state_dict()}, tmp_path / "pretrained.pt")
+    lora = ("federated.lora_rank=2", f"model.init_from={tmp_path / 'pretrained.pt'}", "federated.group_depth=1")
+    result = train(tmp_path, "lora", *lora, "federated.rounds=2", "checkpoint.every=2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    final = read_region(tmp_path / "lora" / "checkpoints", 2, 0)["model"]
+    adapters = {name: value for name, value in final.items() if "lora_" in name}
+    assert adapters and all(name.startswith("blocks.") for name in adapters)
+    # The base stays the pretrained model; of the adapters, block 1's (the top) trained, block 0's
+    # are as peft made them (B zero: the adapter adds nothing).
+    for name, value in base.state_dict().items():  # peft names a wrapped weight base_layer.weight
+        wrapped = name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(final[wrapped if wrapped in final else name], value), name
+    moved = {name.split(".")[1] for name, value in adapters.items() if "lora_B" in name and value.abs().sum() > 0}
+    assert moved == {"1"}
