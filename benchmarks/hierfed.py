@@ -206,8 +206,8 @@ def report(results: dict, out: Path) -> None:
         f"- Runs: `{CONFIG}` with `federated.rounds={results['rounds']}` {' '.join(f'`{s}`' for s in results['set'])}; "
         f"per variant: "
         + "; ".join(f"{v}: {' '.join(f'`{s}`' for s in VARIANTS[v]) or '(the config)'}" for v in VARIANTS)
-        + " and `federated.group_depth` = `model.n_layers`; flat's devices also take the edges' latency "
-        "to the cloud. Seeds " + ", ".join(map(str, results["seeds"])) + ".",
+        + "; one frequency, full depth also sets `federated.group_depth` to `model.n_layers`, and flat's devices "
+        "take the edges' latency to the cloud too. Seeds " + ", ".join(map(str, results["seeds"])) + ".",
         "- To target: the first eval (every 2 global rounds) at or below it; modelled seconds are the rounds' "
         "modelled_s summed; MB up and down, on the cloud tier (flat: the devices' uploads and downloads; "
         "hierarchical: the edges') and in all (the device tier too). Speed-up: flat's modelled seconds to the "
