@@ -167,8 +167,7 @@ def hierfed_summary() -> str:
         f"flat fine-tuning's final eval loss at {hier['speed-up']} flat's speed in modelled time on the CPU\n"
         f"benchmark (40 clients, 3 seeds), not the 2x asked of it, moving {flat_mb / hier_cloud:.1f}x fewer bytes\n"
         f"over the wide-area tier and {hier_all / flat_mb:.2f}x the bytes in all; in twice the modelled time it\n"
-        f"ended lower ({hier[final_column].split()[0]} against {flat[final_column].split()[0]}):\n"
-        "[docs/federated.md](docs/federated.md).\n"
+        f"ended lower ({hier[final_column].split()[0]} against {flat[final_column].split()[0]}).\n"
     )
 
 
