@@ -37,11 +37,10 @@ import math
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from sweep import band, ok, progress, provenance, seal, train_run
+from sweep import add_sweep_arguments, band, ok, progress, provenance, seal, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
@@ -384,12 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-lr", type=parse_server_lr, action="append", default=[], metavar="STRATEGY=LR",
                         help="fedadam=LR or fedyogi=LR instead of tuning it (repeatable)")  # fmt: skip
     parser.add_argument("--proximal-mu", type=float, help="fedprox's mu instead of tuning it")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "cocodc-federated-benchmark",
-                        help="where the run directories go")  # fmt: skip
-    parser.add_argument("--rerun", action="store_true", help="run again even where a finished run of the config is")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--plot-only", action="store_true", help="the table and plots again from results.json")
+    add_sweep_arguments(parser, "federated", DEFAULT_OUT)
     return parser
 
 

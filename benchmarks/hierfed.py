@@ -30,11 +30,10 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from sweep import band, ok, progress, provenance, seal, train_run
+from sweep import add_sweep_arguments, band, ok, progress, provenance, seal, train_run
 
 CONFIG = "configs/hierfed.yaml"
 DEFAULT_OUT = Path("benchmarks/results/hierfed")
@@ -230,12 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "cocodc-hierfed-benchmark",
-                        help="where the runs go")  # fmt: skip
-    parser.add_argument("--rerun", action="store_true", help="run again even where a finished run of the config is")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--plot-only", action="store_true", help="the table and plots again from results.json")
+    add_sweep_arguments(parser, "hierfed", DEFAULT_OUT)
     return parser
 
 

@@ -30,11 +30,10 @@ import math
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from sweep import band, ok, progress, provenance, seal, train_run
+from sweep import add_sweep_arguments, band, ok, progress, provenance, seal, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 # method -> (label, config file, its own settings)
@@ -427,12 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=4, help="split workers = FedAvg clients, all in every round")
     parser.add_argument("--executors", type=int, default=2)
     parser.add_argument("--cut", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "cocodc-split-benchmark",
-                        help="where the run directories go")  # fmt: skip
-    parser.add_argument("--rerun", action="store_true", help="run again even where a finished run of the config is")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--plot-only", action="store_true", help="the table and plots again from results.json")
+    add_sweep_arguments(parser, "split", DEFAULT_OUT)
     return parser
 
 

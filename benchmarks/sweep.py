@@ -3,12 +3,14 @@ provenance of a sweep, and median bands over seeds for the plots."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,3 +106,14 @@ def train_run(config_file: str, settings: list[str], scratch: Path, name: str, *
         entry["stderr_tail"] = "\n".join((logs / f"{name}.err").read_text().splitlines()[-tail:])
         print(f"{name} failed (exit {rc}):\n{entry['stderr_tail']}", file=sys.stderr)
     return entry
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, name: str, out: Path) -> None:
+    """The options every sweep takes: overrides, where its runs go (reused unless --rerun), where
+    its results go, and --plot-only."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / f"cocodc-{name}-benchmark",
+                        help="where the run directories go")  # fmt: skip
+    parser.add_argument("--rerun", action="store_true", help="run again even where a finished run of the config is")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--plot-only", action="store_true", help="the table and plots again from results.json")

@@ -240,8 +240,9 @@ class HierarchicalMode(FederatedMode):
             weights.append(examples)  # 0 where every client failed: the group is left out
             seconds.append(group_s)
             uploads.append(sum(h.bytes_received for h in handles))
-            rows += table.tolist()
-            clients = [int(r[1]) for r in table.tolist()]
+            table_rows = table.tolist()
+            rows += table_rows
+            clients = [int(r[1]) for r in table_rows]
             records.append(
                 {
                     "kind": "group",
@@ -249,7 +250,7 @@ class HierarchicalMode(FederatedMode):
                     "step": server_round,
                     "group": group.index,
                     "clients": clients,
-                    "accepted": [int(r[1]) for r in table.tolist() if r[2] == 0],
+                    "accepted": [int(r[1]) for r in table_rows if r[2] == 0],
                     "depth": group.depth,
                     "edge_rounds": group.rounds,
                     "edge_bytes_up": int(edge_up),
